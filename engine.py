@@ -1,0 +1,169 @@
+"""The loops shared by main.py and test.py: one training epoch, one evaluation pass, prediction."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from data_preprocessing import normalize
+from labels import IGNORE_INDEX
+from metrics import ConfusionMatrix
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch got. Lives outside the loop so that Ctrl-C can checkpoint mid-epoch."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    images: int = 0
+    data_wait: float = 0.0
+    seconds: float = 0.0
+
+
+class ProgressLine:
+    """A tqdm bar on a terminal; plain log lines (one every ``update`` with a postfix) when piped to a file."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0):
+        tty = sys.stderr.isatty()
+        self.desc, self.total, self.done = desc, total, initial
+        self.plain = enabled and not tty
+        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and tty), leave=False,
+                        dynamic_ncols=True)
+
+    def update(self, n: int = 1, postfix: dict | None = None) -> None:
+        self.done += n
+        self.bar.update(n)
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+            if self.plain:
+                items = " ".join(f"{k} {v}" for k, v in postfix.items())
+                print(f"{self.desc} {self.done}/{self.total} {items}", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 batch from the loader -> normalised float on ``device`` (the copy overlaps with compute)."""
+    x = normalize(images.to(device, non_blocking=True))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, scaler,
+                    device: torch.device, amp_dtype: torch.dtype | None, progress: EpochProgress,
+                    desc: str = "train", log_every: int = 10, show: bool = True, channels_last: bool = False
+                    ) -> EpochProgress:
+    """Train over ``loader`` (which may start mid-epoch), updating ``progress`` in place.
+
+    The loss is accumulated on the device and read back only every ``log_every`` steps, so the host never
+    waits for the GPU in between. Time spent waiting for the next batch is added to ``progress.data_wait``.
+    """
+    model.train()
+    pending_loss = torch.zeros((), device=device)
+    line = ProgressLine(len(loader) + progress.step, desc, show, initial=progress.step)
+    start = window_start = time.perf_counter()
+    window_images, wait_start = 0, start
+    for step, (images, labels) in enumerate(loader, 1):
+        progress.data_wait += time.perf_counter() - wait_start
+        x = to_model_input(images, device, channels_last)
+        target = labels.to(device, non_blocking=True).long()
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        # sum / valid count equals the mean CE, and stays finite for a crop that is all ignore
+        loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = loss / (target != IGNORE_INDEX).sum().clamp(min=1)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        pending_loss += loss.detach()
+        progress.step += 1
+        progress.images += len(images)
+        window_images += len(images)
+        if step % log_every == 0 or step == len(loader):
+            window_loss = pending_loss.item()
+            pending_loss.zero_()
+            if not math.isfinite(window_loss):
+                raise NonFiniteLoss(f"training loss became {window_loss} at step {progress.step}")
+            progress.loss_sum += window_loss
+            now = time.perf_counter()
+            line.update(log_every if step % log_every == 0 else step % log_every, {
+                "loss": f"{progress.loss_sum / progress.step:.4f}",
+                "lr": f"{optimizer.param_groups[0]['lr']:.2e}",
+                "img/s": f"{window_images / (now - window_start):.1f}"})
+            window_start, window_images = now, 0
+        wait_start = time.perf_counter()
+    line.close()
+    progress.seconds += time.perf_counter() - start
+    return progress
+
+
+def predict(model: nn.Module, images: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None = None,
+            flip: bool = False, scales: tuple[float, ...] = (1.0,), channels_last: bool = False) -> torch.Tensor:
+    """(N, 3, H, W) uint8 images -> (N, C, H, W) float log-probabilities.
+
+    With ``flip`` and/or several ``scales`` the softmax outputs of all variants are averaged (TTA).
+    """
+    x = to_model_input(images, device, channels_last)
+    size = x.shape[-2:]
+    variants = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+    probabilities = None
+    for scale, flipped in variants:
+        inp = x if scale == 1 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        with autocast(device, amp_dtype):
+            logits = model(inp.flip(-1) if flipped else inp).float()
+        logits = logits.flip(-1) if flipped else logits
+        if scale != 1:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        if len(variants) == 1:
+            return F.log_softmax(logits, dim=1)
+        probabilities = logits.softmax(1) if probabilities is None else probabilities + logits.softmax(1)
+    return (probabilities / len(variants)).log()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, amp_dtype: torch.dtype | None = None,
+             show: bool = True, on_prediction: Callable[[int, torch.Tensor], None] | None = None,
+             **predict_options) -> tuple[ConfusionMatrix, float]:
+    """One confusion matrix and the mean loss over the whole loader, summed over DDP ranks.
+
+    ``on_prediction(batch_index, (N, H, W) class map)`` lets test.py save predictions.
+    """
+    model.eval()
+    confusion = ConfusionMatrix(num_classes, device)
+    loss_and_count = torch.zeros(2, dtype=torch.float64, device=device)
+    line = ProgressLine(len(loader), "val", show)
+    for batch_index, (images, labels) in enumerate(loader):
+        log_probabilities = predict(model, images, device, amp_dtype, **predict_options)
+        target = labels.to(device, non_blocking=True).long()
+        loss_and_count[0] += F.nll_loss(log_probabilities, target, ignore_index=IGNORE_INDEX, reduction="sum")
+        loss_and_count[1] += (target != IGNORE_INDEX).sum()
+        prediction = log_probabilities.argmax(1)
+        confusion.update(prediction, target)
+        if on_prediction is not None:
+            on_prediction(batch_index, prediction)
+        line.update()
+    line.close()
+    confusion.all_reduce()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loss_and_count)
+    loss, count = loss_and_count.tolist()
+    return confusion, loss / count if count else float("nan")

@@ -1,0 +1,145 @@
+"""The Cityscapes label table as KITTI's semantic benchmark uses it, and every lookup derived from it.
+
+The table is written once (same rows as cityscapesScripts' ``helpers/labels.py``); everything else in this
+file is computed from it, so changing a class means editing one row.
+
+Two label sets are offered:
+- ``train``: the 19 benchmark classes (``trainId`` 0..18); every other id maps to 255 and is ignored.
+- ``full``: every label id 0..33 is its own class, as the original assignment's 35-way head did. Id -1
+  (license plate) cannot occur in an 8-bit label PNG; ids 34..254 are not in the table and are rejected
+  by the data loader; 255 is ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+IGNORE_INDEX = 255
+
+
+class Label(NamedTuple):
+    name: str
+    id: int
+    trainId: int
+    category: str
+    categoryId: int
+    hasInstances: bool
+    ignoreInEval: bool
+    color: tuple[int, int, int]
+
+
+LABELS: tuple[Label, ...] = (
+    #     name                    id  trainId  category        catId  hasInst ignoreEval  color
+    Label("unlabeled",             0,   255,   "void",           0,   False,  True,  (0, 0, 0)),
+    Label("ego vehicle",           1,   255,   "void",           0,   False,  True,  (0, 0, 0)),
+    Label("rectification border",  2,   255,   "void",           0,   False,  True,  (0, 0, 0)),
+    Label("out of roi",            3,   255,   "void",           0,   False,  True,  (0, 0, 0)),
+    Label("static",                4,   255,   "void",           0,   False,  True,  (0, 0, 0)),
+    Label("dynamic",               5,   255,   "void",           0,   False,  True,  (111, 74, 0)),
+    Label("ground",                6,   255,   "void",           0,   False,  True,  (81, 0, 81)),
+    Label("road",                  7,     0,   "flat",           1,   False,  False, (128, 64, 128)),
+    Label("sidewalk",              8,     1,   "flat",           1,   False,  False, (244, 35, 232)),
+    Label("parking",               9,   255,   "flat",           1,   False,  True,  (250, 170, 160)),
+    Label("rail track",           10,   255,   "flat",           1,   False,  True,  (230, 150, 140)),
+    Label("building",             11,     2,   "construction",   2,   False,  False, (70, 70, 70)),
+    Label("wall",                 12,     3,   "construction",   2,   False,  False, (102, 102, 156)),
+    Label("fence",                13,     4,   "construction",   2,   False,  False, (190, 153, 153)),
+    Label("guard rail",           14,   255,   "construction",   2,   False,  True,  (180, 165, 180)),
+    Label("bridge",               15,   255,   "construction",   2,   False,  True,  (150, 100, 100)),
+    Label("tunnel",               16,   255,   "construction",   2,   False,  True,  (150, 120, 90)),
+    Label("pole",                 17,     5,   "object",         3,   False,  False, (153, 153, 153)),
+    Label("polegroup",            18,   255,   "object",         3,   False,  True,  (153, 153, 153)),
+    Label("traffic light",        19,     6,   "object",         3,   False,  False, (250, 170, 30)),
+    Label("traffic sign",         20,     7,   "object",         3,   False,  False, (220, 220, 0)),
+    Label("vegetation",           21,     8,   "nature",         4,   False,  False, (107, 142, 35)),
+    Label("terrain",              22,     9,   "nature",         4,   False,  False, (152, 251, 152)),
+    Label("sky",                  23,    10,   "sky",            5,   False,  False, (70, 130, 180)),
+    Label("person",               24,    11,   "human",          6,   True,   False, (220, 20, 60)),
+    Label("rider",                25,    12,   "human",          6,   True,   False, (255, 0, 0)),
+    Label("car",                  26,    13,   "vehicle",        7,   True,   False, (0, 0, 142)),
+    Label("truck",                27,    14,   "vehicle",        7,   True,   False, (0, 0, 70)),
+    Label("bus",                  28,    15,   "vehicle",        7,   True,   False, (0, 60, 100)),
+    Label("caravan",              29,   255,   "vehicle",        7,   True,   True,  (0, 0, 90)),
+    Label("trailer",              30,   255,   "vehicle",        7,   True,   True,  (0, 0, 110)),
+    Label("train",                31,    16,   "vehicle",        7,   True,   False, (0, 80, 100)),
+    Label("motorcycle",           32,    17,   "vehicle",        7,   True,   False, (0, 0, 230)),
+    Label("bicycle",              33,    18,   "vehicle",        7,   True,   False, (119, 11, 32)),
+    Label("license plate",        -1,    -1,   "vehicle",        7,   False,  True,  (0, 0, 142)),
+)
+
+ID_TO_LABEL = {label.id: label for label in LABELS}
+TRAIN_LABELS = tuple(sorted((l for l in LABELS if 0 <= l.trainId < IGNORE_INDEX), key=lambda l: l.trainId))
+CATEGORIES = tuple(dict.fromkeys(l.category for l in LABELS if not l.ignoreInEval))
+VALID_IDS = np.array(sorted(l.id for l in LABELS if l.id >= 0), dtype=np.uint8)
+
+# id -> trainId look-up table: index with a uint8 label map; ids not in the table give 255.
+ID_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+for _label in LABELS:
+    if _label.id >= 0:
+        ID_TO_TRAIN_ID[_label.id] = _label.trainId
+
+# id -> RGB palette (256 rows; ids not in the table are black).
+ID_TO_COLOR = np.zeros((256, 3), dtype=np.uint8)
+for _label in LABELS:
+    if _label.id >= 0:
+        ID_TO_COLOR[_label.id] = _label.color
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The classes a model predicts, and how they relate to Cityscapes label ids.
+
+    ``id_to_class`` maps a label id (0..255) to a class index, 255 meaning ignore; ``class_to_id`` maps a
+    class index back to the label id written in prediction PNGs.
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+    class_to_id: np.ndarray
+    id_to_class: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def colors(self) -> np.ndarray:
+        """(C, 3) uint8 RGB colour of each class."""
+        return ID_TO_COLOR[self.class_to_id]
+
+    @property
+    def class_to_train_id(self) -> np.ndarray:
+        """(C,) uint8: the benchmark trainId of each class, 255 where the class is not scored."""
+        return ID_TO_TRAIN_ID[self.class_to_id]
+
+
+def _make_label_set(name: str, labels: tuple[Label, ...]) -> LabelSet:
+    class_to_id = np.array([l.id for l in labels], dtype=np.uint8)
+    id_to_class = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    id_to_class[class_to_id] = np.arange(len(labels), dtype=np.uint8)
+    return LabelSet(name, tuple(l.name for l in labels), class_to_id, id_to_class)
+
+
+LABEL_SETS = {
+    "train": _make_label_set("train", TRAIN_LABELS),
+    "full": _make_label_set("full", tuple(ID_TO_LABEL[i] for i in VALID_IDS)),
+}
+
+
+def get_label_set(name: str) -> LabelSet:
+    if name not in LABEL_SETS:
+        raise ValueError(f"unknown label set {name!r}; choose one of {sorted(LABEL_SETS)}")
+    return LABEL_SETS[name]
+
+
+def colorize(label_map: np.ndarray, label_set: LabelSet | None = None) -> np.ndarray:
+    """(H, W) integer map -> (H, W, 3) uint8 RGB image.
+
+    With ``label_set`` the map holds that set's class indices; without, it holds Cityscapes label ids.
+    Ignored pixels (255) are black.
+    """
+    palette = ID_TO_COLOR if label_set is None else np.vstack(
+        [label_set.colors, np.zeros((256 - label_set.num_classes, 3), np.uint8)])
+    return palette[np.asarray(label_map, dtype=np.uint8)]

@@ -1,0 +1,164 @@
+"""FCN-32s, FCN-16s and FCN-8s (Long, Shelhamer, Darrell, 2015) on a torchvision ResNet18 trunk.
+
+Geometry. In torchvision's ResNet every downsampling is a stride-2 convolution or pooling padded so that
+output cell j is centred on input position 2j; a stride-s feature cell i is therefore centred on pixel s*i.
+All upsampling here keeps that alignment: a value at coarse cell i lands on fine position f*i and is
+linearly interpolated in between (``align_corners=True`` semantics). Two useful consequences:
+- bilinear x2 followed by bilinear x16 is exactly bilinear x32, so a fresh FCN16s (zero skip scores,
+  bilinear x2) computes the same output as FCN32s on the same trunk, as the paper's staged training
+  intends; likewise FCN8s and FCN16s;
+- no crop offsets are needed: outputs are sliced to the input size from the top-left.
+
+Upsampling. As in the reference FCN, the in-network x2 deconvolutions are learned (initialised to
+bilinear) and the final x32/x16/x8 upsampling is frozen bilinear. The frozen one is done with
+``F.interpolate``, which is much cheaper than a (C, C, 2f-1, 2f-1) transposed convolution and equals it
+wherever a pixel lies between two cell centres; past the last centre (the last f-1 rows/columns) the
+deconvolution fades towards zero while interpolation holds the border value (tested in tests/test_model.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+
+from errors import UserError
+
+ARCHS = ("fcn32", "fcn16", "fcn8")
+
+
+def bilinear_kernel(factor: int) -> torch.Tensor:
+    """1-D kernel of length 2f-1 with w[k] = 1 - |k - (f-1)| / f: linear interpolation between cells f apart.
+
+    As a transposed convolution (stride f, padding f-1) it places input cell i at output f*i and blends
+    linearly to its neighbours; the 2-D kernel is the outer product of this with itself.
+    """
+    offsets = torch.arange(2 * factor - 1, dtype=torch.float32) - (factor - 1)
+    return 1 - offsets.abs() / factor
+
+
+def bilinear_deconv(channels: int, factor: int, learnable: bool) -> nn.ConvTranspose2d:
+    """(C, C) transposed convolution initialised to per-channel bilinear upsampling by ``factor``."""
+    deconv = nn.ConvTranspose2d(channels, channels, 2 * factor - 1, stride=factor, padding=factor - 1,
+                                output_padding=factor - 1, bias=False)
+    kernel_1d = bilinear_kernel(factor)
+    with torch.no_grad():
+        deconv.weight.zero_()
+        deconv.weight[range(channels), range(channels)] = torch.outer(kernel_1d, kernel_1d)
+    deconv.weight.requires_grad_(learnable)
+    return deconv
+
+
+def upsample_aligned(scores: torch.Tensor, factor: int, size: tuple[int, int]) -> torch.Tensor:
+    """Frozen bilinear upsampling by ``factor`` with cell i on pixel factor*i, sliced to ``size`` (H, W).
+
+    Needs size <= factor * (h, w). One replicated cell on the bottom/right lets the last f-1 rows and
+    columns hold the border value instead of fading to zero.
+    """
+    h, w = scores.shape[-2:]
+    padded = F.pad(scores, (0, 1, 0, 1), mode="replicate")
+    up = F.interpolate(padded, size=(factor * h + 1, factor * w + 1), mode="bilinear", align_corners=True)
+    return up[..., : size[0], : size[1]]
+
+
+class ResNet18Trunk(nn.Module):
+    """ResNet18 without avgpool/fc; returns the stride-8, -16 and -32 features (128, 256, 512 channels)."""
+
+    def __init__(self, state_dict: dict | None = None):
+        super().__init__()
+        net = resnet18()
+        if state_dict is not None:
+            net.load_state_dict(state_dict)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c8 = self.layer2(self.layer1(self.stem(x)))
+        c16 = self.layer3(c8)
+        return c8, c16, self.layer4(c16)
+
+
+def _zero_conv1x1(in_channels: int, num_classes: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_channels, num_classes, 1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class FCN32s(nn.Module):
+    """Score the stride-32 features, upsample x32 to the input size."""
+
+    def __init__(self, num_classes: int, trunk: ResNet18Trunk):
+        super().__init__()
+        self.trunk = trunk
+        self.score32 = nn.Conv2d(512, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, C, H, W) logits."""
+        _, _, c32 = self.trunk(x)
+        return upsample_aligned(self.score32(c32), 32, x.shape[-2:])
+
+
+class FCN16s(FCN32s):
+    """FCN32s + scored stride-16 features, fused after a learned x2 upsampling (paper, Fig. 3)."""
+
+    def __init__(self, num_classes: int, trunk: ResNet18Trunk):
+        super().__init__(num_classes, trunk)
+        self.score16 = _zero_conv1x1(256, num_classes)
+        self.up32to16 = bilinear_deconv(num_classes, 2, learnable=True)
+
+    def fuse16(self, c16: torch.Tensor, c32: torch.Tensor) -> torch.Tensor:
+        """Stride-16 scores: score16(c16) + up x2 (score32(c32))."""
+        up = self.up32to16(F.pad(self.score32(c32), (0, 1, 0, 1), mode="replicate"))
+        return self.score16(c16) + up[..., : c16.shape[-2], : c16.shape[-1]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, c16, c32 = self.trunk(x)
+        return upsample_aligned(self.fuse16(c16, c32), 16, x.shape[-2:])
+
+
+class FCN8s(FCN16s):
+    """FCN16s + scored stride-8 features, fused after another learned x2 upsampling."""
+
+    def __init__(self, num_classes: int, trunk: ResNet18Trunk):
+        super().__init__(num_classes, trunk)
+        self.score8 = _zero_conv1x1(128, num_classes)
+        self.up16to8 = bilinear_deconv(num_classes, 2, learnable=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c8, c16, c32 = self.trunk(x)
+        up = self.up16to8(F.pad(self.fuse16(c16, c32), (0, 1, 0, 1), mode="replicate"))
+        fused8 = self.score8(c8) + up[..., : c8.shape[-2], : c8.shape[-1]]
+        return upsample_aligned(fused8, 8, x.shape[-2:])
+
+
+def imagenet_state_dict(backbone_weights: str | None = None) -> dict:
+    """ResNet18 ImageNet weights from a local file, or torchvision's (downloaded once to the torch hub cache)."""
+    if backbone_weights is not None:
+        try:
+            return torch.load(backbone_weights, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as error:
+            raise UserError(f"{backbone_weights}: cannot load ResNet18 weights ({error}); pass a state_dict "
+                            "saved with torch.save(resnet18().state_dict(), PATH)") from None
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=True)
+    except OSError as error:  # URLError and socket errors are OSErrors
+        cache = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
+        raise UserError(f"cannot download ImageNet weights from {weights.url} ({error}); put that file at {cache}, "
+                        "or pass --backbone-weights PATH, or --no-pretrained to start from random weights") from None
+
+
+def build_model(arch: str, num_classes: int, pretrained: bool = True, backbone_weights: str | None = None) -> FCN32s:
+    """An FCN of ``arch`` ('fcn32' | 'fcn16' | 'fcn8') with ``num_classes`` outputs."""
+    classes = {"fcn32": FCN32s, "fcn16": FCN16s, "fcn8": FCN8s}
+    if arch not in classes:
+        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    state_dict = imagenet_state_dict(backbone_weights) if pretrained or backbone_weights else None
+    return classes[arch](num_classes, ResNet18Trunk(state_dict))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
