@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ def load_checkpoint(path: str | Path) -> dict:
         first_line = str(error).strip().splitlines()[0]
         raise UserError(f"{path}: refused to load, it holds objects other than tensors and plain data "
                         f"({first_line}); only load checkpoints you trust, saved by main.py") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
+    except Exception as error:  # truncated or foreign files raise many types inside torch.load
         raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({str(error).splitlines()[0]}); "
                         "use another checkpoint, e.g. the run's best.pt or last.pt") from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):

@@ -108,7 +108,8 @@ def evaluation_report(confusion: np.ndarray, label_set: LabelSet) -> dict:
     """Everything test.py and main.py report for one split, from one (C, C) confusion matrix."""
     report = summarize(confusion)
     benchmark = benchmark_confusion(confusion, label_set)
-    report["benchmark_mIoU"] = summarize(benchmark)["mIoU"]
+    benchmark_summary = summarize(benchmark)
+    report["benchmark_mIoU"], report["benchmark_iou"] = benchmark_summary["mIoU"], benchmark_summary["iou"]
     report["category_iou"] = dict(zip(CATEGORIES, iou_per_class(category_confusion(benchmark))))
     report["class_names"] = label_set.class_names
     return report

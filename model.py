@@ -137,7 +137,7 @@ def imagenet_state_dict(backbone_weights: str | None = None) -> dict:
     if backbone_weights is not None:
         try:
             return torch.load(backbone_weights, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as error:
+        except Exception as error:  # torch.load raises many types for a bad file
             raise UserError(f"{backbone_weights}: cannot load ResNet18 weights ({error}); pass a state_dict "
                             "saved with torch.save(resnet18().state_dict(), PATH)") from None
     weights = ResNet18_Weights.IMAGENET1K_V1

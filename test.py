@@ -1,0 +1,170 @@
+"""Evaluate a checkpoint: per-class IoU and mIoU over a split, predictions as label-id PNGs, pictures.
+
+    python test.py --checkpoint runs/x/best.pt                     # the run's validation split
+    python test.py --checkpoint runs/x/best.pt --split test        # KITTI benchmark submission PNGs
+    python test.py --checkpoint runs/x/best.pt --images my_photos/  # any folder of images
+
+Files written to --out (default: a folder beside the checkpoint): metrics.json, metrics.csv, confusion.png,
+pred_labelIds/ (Cityscapes label ids at each image's size: the official evaluation and KITTI's submission
+format read these), pred_color/ and overlay/ (for --num-visuals images, or all with --save-all).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from checkpoint import load_checkpoint, load_model_weights
+from data_preprocessing import ImageFolder, KittiSemantics, resolve_split
+from distributed import pick_device
+from engine import ProgressLine, evaluate, predict
+from errors import UserError
+from labels import LabelSet, colorize, get_label_set
+from metrics import evaluation_report
+from model import build_model
+from plots import plot_confusion
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="best.pt or last.pt written by main.py")
+    p.add_argument("--data-root", type=Path, help="KITTI folder (default: the one the run trained on)")
+    p.add_argument("--split", default="val", choices=("val", "train", "trainval", "test"), help="(default %(default)s)")
+    p.add_argument("--split-dir", type=Path, help="folder with train.txt/val.txt (default: the run's own)")
+    p.add_argument("--images", type=Path, help="predict every PNG in this folder instead of a KITTI split")
+    p.add_argument("--out", type=Path, help="output folder (default: beside the checkpoint)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales, e.g. 0.75 1 1.25")
+    p.add_argument("--num-visuals", type=int, default=8, help="images to save in pred_color/ and overlay/")
+    p.add_argument("--save-all", action="store_true", help="save pred_color/ and overlay/ for every image")
+    p.add_argument("--workers", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict, LabelSet]:
+    state = load_checkpoint(path)
+    label_set = get_label_set(state["label_set"])
+    if state["num_classes"] != label_set.num_classes:
+        raise UserError(f"{path}: {state['num_classes']} classes do not match label set {state['label_set']!r} "
+                        f"({label_set.num_classes}); the checkpoint is inconsistent")
+    model = build_model(state["arch"], state["num_classes"], pretrained=False)
+    load_model_weights(model, state, path)
+    return model.to(device).eval(), state, label_set
+
+
+class PredictionWriter:
+    """Saves label-id PNGs for every image, colour and overlay pictures for the first few."""
+
+    def __init__(self, out: Path, label_set: LabelSet, num_visuals: int):
+        self.out, self.label_set, self.num_visuals = out, label_set, num_visuals
+        for sub in ("pred_labelIds", "pred_color", "overlay"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, index: int, name: str, classes: np.ndarray, image: torch.Tensor,
+                 truth: np.ndarray | None = None) -> None:
+        cv2.imwrite(str(self.out / "pred_labelIds" / f"{name}.png"), self.label_set.class_to_id[classes])
+        if index >= self.num_visuals:
+            return
+        color = colorize(classes, self.label_set)
+        cv2.imwrite(str(self.out / "pred_color" / f"{name}.png"), color[..., ::-1])
+        panels = [image.permute(1, 2, 0).numpy(), color]
+        if truth is not None:
+            panels.append(colorize(truth, self.label_set))
+        cv2.imwrite(str(self.out / "overlay" / f"{name}.png"), np.vstack(panels)[..., ::-1])
+
+
+def format_table(report: dict) -> str:
+    def pct(value: float) -> str:
+        return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
+    width = max(len(n) for n in report["class_names"]) + 2
+    lines = [f"{'class':<{width}}{'IoU':>8}{'acc':>8}{'pixels':>12}"]
+    for name, iou, acc, pixels in zip(report["class_names"], report["iou"], report["acc"], report["pixels"]):
+        lines.append(f"{name:<{width}}{pct(iou):>8}{pct(acc):>8}{pixels:>12}")
+    lines.append(f"mIoU {pct(report['mIoU'])}  pixel acc {pct(report['pixel_acc'])}  mean acc {pct(report['mean_acc'])}"
+                 f"  fwIoU {pct(report['fwIoU'])}  (19-class benchmark mIoU {pct(report['benchmark_mIoU'])})")
+    lines.append("category IoU: " + "  ".join(f"{k} {pct(v)}" for k, v in report["category_iou"].items()))
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path, extra: dict) -> None:
+    def number(value: float) -> float | None:
+        return None if math.isnan(value) else float(value)
+    summary = {key: number(report[key]) for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "benchmark_mIoU")}
+    summary["class_iou"] = {n: number(v) for n, v in zip(report["class_names"], report["iou"])}
+    summary["category_iou"] = {n: number(v) for n, v in report["category_iou"].items()}
+    (out / "metrics.json").write_text(json.dumps({**summary, **extra}, indent=2))
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "iou", "acc", "pixels"])
+        for row in zip(report["class_names"], report["iou"], report["acc"], report["pixels"]):
+            writer.writerow([row[0], *(("" if math.isnan(v) else f"{v:.6f}") for v in row[1:3]), row[3]])
+
+
+def evaluate_split(args, model, state, label_set, device, writer) -> dict:
+    root = args.data_root or Path(state["config"]["data_root"])
+    split_dir = args.split_dir or (Path(state["config"]["split_dir"]) if state["config"].get("split_dir")
+                                   else args.checkpoint.parent)
+    names = resolve_split(root, args.split, split_dir if (split_dir / f"{args.split}.txt").is_file() else None)
+    dataset = KittiSemantics(root, names, label_set)
+    loader = DataLoader(dataset, 1, num_workers=args.workers, pin_memory=device.type == "cuda")
+
+    def save(index: int, prediction: torch.Tensor) -> None:
+        image, truth = dataset[index] if index < writer.num_visuals else (None, None)
+        writer(index, names[index], prediction[0].to(torch.uint8).cpu().numpy(), image,
+               None if truth is None else truth.numpy())
+
+    start = time.perf_counter()
+    confusion, loss = evaluate(model, loader, label_set.num_classes, device, on_prediction=save,
+                               flip=args.flip, scales=tuple(args.scales))
+    seconds = time.perf_counter() - start
+    report = evaluation_report(confusion.matrix, label_set)
+    print(format_table(report))
+    extra = {"num_images": len(dataset), "checkpoint": str(args.checkpoint), "split": args.split,
+             "label_set": label_set.name, "arch": state["arch"], "loss": loss, "images_per_second": len(dataset) / seconds}
+    write_report(report, args.out, extra)
+    plot_confusion(confusion.matrix, label_set.class_names, args.out / "confusion.png")
+    return extra
+
+
+@torch.no_grad()
+def predict_folder(args, model, folder: Path, device, writer) -> dict:
+    dataset = ImageFolder(folder)
+    loader = DataLoader(dataset, 1, num_workers=args.workers)
+    line, start = ProgressLine(len(dataset), "predict"), time.perf_counter()
+    for index, image in enumerate(loader):
+        prediction = predict(model, image, device, flip=args.flip, scales=tuple(args.scales)).argmax(1)
+        writer(index, dataset.names[index], prediction[0].to(torch.uint8).cpu().numpy(), image[0])
+        line.update()
+    line.close()
+    return {"num_images": len(dataset), "images_per_second": len(dataset) / (time.perf_counter() - start)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        model, state, label_set = load_model(args.checkpoint, device)
+        args.out = args.out or args.checkpoint.parent / f"test_{args.images.name if args.images else args.split}"
+        writer = PredictionWriter(args.out, label_set, sys.maxsize if args.save_all else args.num_visuals)
+        if args.images or args.split == "test":
+            folder = args.images or (args.data_root or Path(state["config"]["data_root"])) / "testing" / "image_2"
+            result = predict_folder(args, model, folder, device, writer)
+        else:
+            result = evaluate_split(args, model, state, label_set, device, writer)
+        print(f"{result['num_images']} images at {result['images_per_second']:.1f} img/s; outputs in {args.out}")
+    except UserError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

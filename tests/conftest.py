@@ -1,0 +1,38 @@
+"""Shared fixtures: a small synthetic KITTI tree and the five real KITTI frames shipped in tests/data."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from synthetic_kitti import write_synthetic_kitti
+
+KITTI_SAMPLE = Path(__file__).parent / "data" / "kitti-sample"
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """10 labelled + 2 test scenes at a reduced size (96 x 320), shared read-only by the tests."""
+    return write_synthetic_kitti(tmp_path_factory.mktemp("synthetic"), num_train=10, num_test=2, seed=0, size=(96, 320))
+
+
+@pytest.fixture
+def writable_tree(tmp_path, synthetic_root) -> Path:
+    """A private copy of the synthetic tree that a test may damage."""
+    return Path(shutil.copytree(synthetic_root, tmp_path / "tree"))
+
+
+def train_argv(data_root: Path, out: Path, *extra: str) -> list[str]:
+    """main.py flags for a tiny, fast CPU run on a synthetic tree."""
+    return ["--no-pretrained", "--device", "cpu", "--epochs", "2", "--batch-size", "2", "--crop-size", "64",
+            "--workers", "0", "--log-every", "2", "--data-root", str(data_root), "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_root, tmp_path_factory) -> Path:
+    """A finished 2-epoch fcn16 run folder (checkpoints, metrics.csv, split files)."""
+    import main
+    out = tmp_path_factory.mktemp("runs") / "fcn16"
+    main.train(main.parse_args(train_argv(synthetic_root, out, "--arch", "fcn16")))
+    return out

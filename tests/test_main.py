@@ -1,0 +1,145 @@
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine
+import main
+from conftest import train_argv
+from errors import UserError
+from model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_small_model_overfits_one_synthetic_batch(synthetic_root):
+    from data_preprocessing import KittiSemantics, list_labelled, normalize
+    dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root)[:2])
+    images = normalize(torch.stack([dataset[i][0] for i in range(2)]))
+    target = torch.stack([dataset[i][1] for i in range(2)]).long()
+    torch.manual_seed(0)
+    net = build_model("fcn32", 19, pretrained=False).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        loss = F.cross_entropy(net(images), target, ignore_index=255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0]
+
+
+def test_two_epoch_run_writes_checkpoints_metrics_and_split(trained_run):
+    for name in ("last.pt", "best.pt", "metrics.csv", "curves.png", "train.txt", "val.txt"):
+        assert (trained_run / name).is_file(), name
+    rows = list(csv.DictReader(open(trained_run / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and set(main.HISTORY_FIELDS) == set(rows[0])
+    state = torch.load(trained_run / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["arch"] == "fcn16" and state["num_classes"] == 19
+    for key in ("optimizer", "scheduler", "scaler", "rng_cpu", "config", "history", "best_miou"):
+        assert key in state
+    assert state["best_miou"] == max(float(r["val_mIoU"]) for r in rows)
+
+
+def test_same_seed_gives_identical_losses_and_weights(synthetic_root, trained_run, tmp_path):
+    main.train(main.parse_args(train_argv(synthetic_root, tmp_path / "again", "--arch", "fcn16")))
+    first = torch.load(trained_run / "last.pt", weights_only=True)
+    second = torch.load(tmp_path / "again" / "last.pt", weights_only=True)
+    assert [r["train_loss"] for r in first["history"]] == [r["train_loss"] for r in second["history"]]
+    assert_same_weights(first["model"], second["model"])
+
+
+def test_existing_run_folder_is_never_overwritten(synthetic_root, trained_run):
+    before = (trained_run / "last.pt").stat().st_mtime_ns
+    with pytest.raises(UserError, match="already exists.*--resume"):
+        main.train(main.parse_args(train_argv(synthetic_root, trained_run)))
+    assert (trained_run / "last.pt").stat().st_mtime_ns == before
+
+
+class InterruptAfter:
+    """Wraps a loader and raises KeyboardInterrupt after ``steps`` batches, as Ctrl-C between steps would."""
+
+    def __init__(self, loader, steps):
+        self.loader, self.steps = loader, steps
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for step, batch in enumerate(self.loader):
+            if step == self.steps:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def test_ctrl_c_mid_epoch_saves_and_resume_ends_with_the_same_weights(synthetic_root, trained_run, tmp_path,
+                                                                     monkeypatch):
+    real = engine.train_one_epoch
+    calls = []
+
+    def interrupted_in_second_epoch(model, loader, *args, **kwargs):
+        calls.append(1)
+        return real(model, InterruptAfter(loader, 2) if len(calls) == 2 else loader, *args, **kwargs)
+    monkeypatch.setattr(main, "train_one_epoch", interrupted_in_second_epoch)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        main.train(main.parse_args(train_argv(synthetic_root, run, "--arch", "fcn16")))
+    assert stop.value.code == 130
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["progress"]["step"] == 2
+    monkeypatch.setattr(main, "train_one_epoch", real)
+    main.train(main.parse_args(["--resume", str(run / "last.pt"), "--workers", "0"]))
+    assert_same_weights(final_weights(run), final_weights(trained_run))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_completes_with_the_same_weights_as_an_uninterrupted_run(synthetic_root, tmp_path):
+    argv = train_argv(synthetic_root, tmp_path / "killed", "--arch", "fcn32", "--epochs", "4")
+    process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *argv], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    epochs_done = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["epoch"]
+    assert epochs_done < 4
+    subprocess.run([sys.executable, str(ROOT / "main.py"), "--resume", str(tmp_path / "killed" / "last.pt"),
+                    "--workers", "0"], cwd=tmp_path, check=True, capture_output=True)
+    main.train(main.parse_args(train_argv(synthetic_root, tmp_path / "straight", "--arch", "fcn32", "--epochs", "4")))
+    resumed = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 4 and len(resumed["history"]) == 4
+    assert_same_weights(resumed["model"], final_weights(tmp_path / "straight"))
+
+
+def test_non_finite_loss_stops_with_a_message(synthetic_root, tmp_path):
+    with pytest.raises(UserError, match="loss became (nan|inf).*lower --lr"):
+        main.train(main.parse_args(train_argv(synthetic_root, tmp_path / "nan", "--lr", "1e12", "--epochs", "1")))
+
+
+def test_init_from_a_coarser_run_keeps_its_weights(synthetic_root, tmp_path):
+    coarse = tmp_path / "fcn32"
+    main.train(main.parse_args(train_argv(synthetic_root, coarse, "--arch", "fcn32", "--epochs", "1")))
+    args = main.parse_args(train_argv(synthetic_root, tmp_path / "fine", "--arch", "fcn8", "--init-from",
+                                      str(coarse / "last.pt")))
+    net = main.make_model(args, main.distributed.Context(0, 1, torch.device("cpu")))
+    assert torch.equal(net.score32.weight, final_weights(coarse)["score32.weight"])
+    assert net.score16.weight.abs().sum() == 0  # new skip layers start at zero
