@@ -49,7 +49,8 @@ from model import ARCHS, build_model, count_parameters  # noqa: E402
 from plots import plot_curves  # noqa: E402
 from samplers import SeededTrainSampler, ShardSampler  # noqa: E402
 
-HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait")
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
+                  "val_seconds", "peak_gpu_mb")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,6 +152,15 @@ def write_history(history: list[dict], run_dir: Path) -> None:
     plot_curves(history, run_dir / "curves.png")
 
 
+def epoch_line(row: dict, epochs: int, is_best: bool) -> str:
+    line = (f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f}  val loss "
+            f"{row['val_loss']:.4f}  mIoU {100 * row['val_mIoU']:.2f}%  pixel acc {100 * row['pixel_acc']:.2f}%  "
+            f"train {row['seconds']:.1f} s (data wait {100 * row['data_wait']:.1f}%)  val {row['val_seconds']:.1f} s")
+    if row["peak_gpu_mb"]:
+        line += f"  peak GPU {row['peak_gpu_mb']:.0f} MB"
+    return line + ("  best" if is_best else "")
+
+
 def config_of(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
@@ -226,6 +236,7 @@ def train(args: argparse.Namespace) -> Path:
         except NonFiniteLoss as error:
             raise UserError(f"{error} in epoch {epoch + 1}; {run_dir / 'last.pt'} keeps the last good epoch; "
                             "lower --lr, or try --no-amp") from None
+        val_start = time.perf_counter()
         confusion, val_loss = evaluate(model, val_loader, label_set.num_classes, ctx.device, amp_dtype,
                                        show=ctx.is_main, channels_last=ctx.device.type == "cuda")
         if not ctx.is_main:
@@ -235,7 +246,9 @@ def train(args: argparse.Namespace) -> Path:
         history.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                         "train_loss": progress.loss_sum / max(progress.step, 1), "val_loss": val_loss,
                         "val_mIoU": report["mIoU"], "pixel_acc": report["pixel_acc"],
-                        "seconds": progress.seconds, "data_wait": progress.data_wait / max(progress.seconds, 1e-9)})
+                        "seconds": progress.seconds, "data_wait": progress.data_wait / max(progress.seconds, 1e-9),
+                        "val_seconds": time.perf_counter() - val_start,
+                        "peak_gpu_mb": torch.cuda.max_memory_allocated(ctx.device) / 2**20 if ctx.device.type == "cuda" else 0})
         progress = EpochProgress()
         is_best = report["mIoU"] > best_miou
         best_miou = max(best_miou, report["mIoU"])
@@ -243,10 +256,7 @@ def train(args: argparse.Namespace) -> Path:
         if is_best:
             save_checkpoint(snapshot(epoch + 1), run_dir / "best.pt")
         write_history(history, run_dir)
-        row = history[-1]
-        print(f"epoch {epoch + 1}/{args.epochs}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f}  val loss "
-              f"{val_loss:.4f}  mIoU {100 * row['val_mIoU']:.2f}%  pixel acc {100 * row['pixel_acc']:.2f}%  "
-              f"{row['seconds']:.1f} s (data wait {100 * row['data_wait']:.1f}%){'  best' if is_best else ''}", flush=True)
+        print(epoch_line(history[-1], args.epochs, is_best), flush=True)
     if ctx.is_main:
         print(f"done: best val mIoU {100 * best_miou:.2f}%; checkpoints, metrics.csv and curves.png in {run_dir}\n"
               f"evaluate with: python test.py --checkpoint {run_dir / 'best.pt'} --data-root {args.data_root}")
