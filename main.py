@@ -123,7 +123,7 @@ def make_optimization(model: torch.nn.Module, args: argparse.Namespace, steps_pe
 def make_model(args: argparse.Namespace, ctx: distributed.Context) -> torch.nn.Module:
     model = build_model(args.arch, get_label_set(args.label_set).num_classes, args.pretrained and not args.resume,
                         args.backbone_weights)
-    if args.init_from:
+    if args.init_from and not args.resume:  # a resumed run's checkpoint already holds these weights
         state = load_checkpoint(args.init_from)
         if state["num_classes"] != get_label_set(args.label_set).num_classes:
             raise UserError(f"{args.init_from}: has {state['num_classes']} classes, this run {args.label_set!r} needs "
@@ -207,7 +207,10 @@ def train(args: argparse.Namespace) -> Path:
         torch.set_rng_state(state["rng_cpu"])
         history, best_miou, start_epoch = state["history"], state["best_miou"], state["epoch"]
         progress = EpochProgress(**state["progress"])
-    net = DistributedDataParallel(model) if ctx.world_size > 1 else model
+    if ctx.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    else:
+        net = model
     label_set = get_label_set(args.label_set)
     if ctx.is_main:
         total, trainable = count_parameters(model)
@@ -285,7 +288,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.demo is not None:
             args = demo_args(args)
-        train(args)
+        run_dir = train(args)
+        if args.demo is not None:
+            import test
+            test.main(["--checkpoint", str(run_dir / "best.pt"), "--device", args.device, "--num-visuals", "4"])
+            print(f"demo done: checkpoints in {run_dir}, curves in {run_dir / 'curves.png'}, "
+                  f"predictions and overlays in {run_dir / 'test_val'}")
     except UserError as error:
         sys.exit(f"error: {error}")
 

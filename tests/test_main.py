@@ -143,3 +143,26 @@ def test_init_from_a_coarser_run_keeps_its_weights(synthetic_root, tmp_path):
     net = main.make_model(args, main.distributed.Context(0, 1, torch.device("cpu")))
     assert torch.equal(net.score32.weight, final_weights(coarse)["score32.weight"])
     assert net.score16.weight.abs().sum() == 0  # new skip layers start at zero
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_loop_offline_and_learns(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "--demo", str(tmp_path / "data"),
+                             "--out", str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "TORCH_HOME": str(tmp_path / "torch")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "SYNTHETIC" in result.stdout and "random initialisation" in result.stdout
+    history = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert max(float(row["val_mIoU"]) for row in history) > 0.4  # chance is a few percent
+    assert (tmp_path / "run" / "test_val" / "metrics.json").is_file()
+
+
+def test_full_label_set_trains_34_classes_and_reports_the_19_class_benchmark(synthetic_root, tmp_path):
+    import json
+    import test as evaluation
+    main.train(main.parse_args(train_argv(synthetic_root, tmp_path / "full", "--label-set", "full", "--epochs", "1",
+                                          "--arch", "fcn32")))
+    evaluation.main(["--checkpoint", str(tmp_path / "full" / "last.pt"), "--device", "cpu", "--workers", "0"])
+    metrics = json.loads((tmp_path / "full" / "test_val" / "metrics.json").read_text())
+    assert len(metrics["class_iou"]) == 34 and metrics["label_set"] == "full"
+    assert metrics["benchmark_mIoU"] is not None

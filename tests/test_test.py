@@ -102,3 +102,11 @@ def test_checkpoint_of_another_arch_or_class_count(trained_run, tmp_path, change
 def test_data_root_without_the_split(trained_run, tmp_path):
     assert_one_line_error(run_cli("--checkpoint", str(trained_run / "best.pt"), "--data-root", str(tmp_path)),
                           str(tmp_path), "--download")
+
+
+def test_images_folder_gets_a_prediction_per_image(trained_run, synthetic_root, tmp_path):
+    evaluation.main(["--checkpoint", str(trained_run / "best.pt"), "--images", str(synthetic_root / "testing" / "image_2"),
+                     "--out", str(tmp_path), "--device", "cpu", "--workers", "0", "--num-visuals", "1"])
+    predictions = sorted((tmp_path / "pred_labelIds").glob("*.png"))
+    assert len(predictions) == 2 and len(list((tmp_path / "pred_color").glob("*.png"))) == 1
+    assert cv2.imread(str(predictions[0]), cv2.IMREAD_UNCHANGED).shape == (96, 320)
