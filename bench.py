@@ -61,7 +61,7 @@ class Case:
 
     def __init__(self, net, batch: int, size: tuple[int, int], device, amp: bool, train: bool, trunk_only=False):
         self.device, self.amp, self.train, self.trunk_only = device, amp, train, trunk_only
-        fmt = torch.channels_last if amp else torch.contiguous_format
+        fmt = torch.channels_last if amp or device.type == "cpu" else torch.contiguous_format  # as main.py runs
         self.net = net.to(device, memory_format=fmt).train(train)
         self.x = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, 19, (batch, *size), device=device)

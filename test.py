@@ -59,7 +59,7 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict,
                         f"({label_set.num_classes}); the checkpoint is inconsistent")
     model = build_model(state["arch"], state["num_classes"], pretrained=False)
     load_model_weights(model, state, path)
-    return model.to(device).eval(), state, label_set
+    return model.to(device, memory_format=torch.channels_last).eval(), state, label_set
 
 
 class PredictionWriter:
