@@ -176,6 +176,32 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 autocast on CUDA where supported, fp16 (with loss scaling) on older GPUs, none on the CPU."""
+    if device.type != "cuda" or not amp:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def restore(state: dict, path: Path, model, optimizer, scheduler, scaler) -> tuple[list, float, int, EpochProgress]:
+    """Load a checkpoint's training state; returns (history, best mIoU, epochs done, progress in the next epoch)."""
+    load_model_weights(model, state, path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    return state["history"], state["best_miou"], state["epoch"], EpochProgress(**state["progress"])
+
+
+def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float, report: dict, val_seconds: float,
+                 device: torch.device) -> dict:
+    """One row of metrics.csv."""
+    return {"epoch": epoch, "lr": lr, "train_loss": progress.loss_sum / max(progress.step, 1), "val_loss": val_loss,
+            "val_mIoU": report["mIoU"], "pixel_acc": report["pixel_acc"], "seconds": progress.seconds,
+            "data_wait": progress.data_wait / max(progress.seconds, 1e-9), "val_seconds": val_seconds,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0}
+
+
 def train(args: argparse.Namespace) -> Path:
     """The whole job: data, model, epochs of training and validation, checkpoints. Returns the run folder."""
     ctx = distributed.setup(args.device)
@@ -187,24 +213,15 @@ def train(args: argparse.Namespace) -> Path:
         from kitti_download import download_kitti
         download_kitti(args.data_root)
     run_dir = args.resume.parent if state else (prepare_run_dir(args) if ctx.is_main else args.out)
-    amp_dtype = None
-    if ctx.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        if args.amp:
-            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = amp_dtype_for(ctx.device, args.amp)
+    torch.backends.cudnn.benchmark = ctx.device.type == "cuda"
     train_loader, val_loader, sampler = make_loaders(args, ctx, run_dir)
     model = make_model(args, ctx)
     optimizer, scheduler = make_optimization(model, args, len(train_loader))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
     history, best_miou, start_epoch, progress = [], -1.0, 0, EpochProgress()
     if state is not None:
-        load_model_weights(model, state, args.resume)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        history, best_miou, start_epoch = state["history"], state["best_miou"], state["epoch"]
-        progress = EpochProgress(**state["progress"])
+        history, best_miou, start_epoch, progress = restore(state, args.resume, model, optimizer, scheduler, scaler)
     if ctx.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     else:
@@ -228,7 +245,10 @@ def train(args: argparse.Namespace) -> Path:
         try:
             train_one_epoch(net, train_loader, optimizer, scheduler, scaler, ctx.device, amp_dtype, progress,
                             f"epoch {epoch + 1}/{args.epochs}", args.log_every, ctx.is_main)
-        except KeyboardInterrupt:
+            val_start = time.perf_counter()
+            confusion, val_loss = evaluate(model, val_loader, label_set.num_classes, ctx.device, amp_dtype,
+                                           show=ctx.is_main)
+        except KeyboardInterrupt:  # mid-epoch state is exact: --resume skips the samples already trained on
             if ctx.is_main:
                 save_checkpoint(snapshot(epoch), run_dir / "last.pt")
                 print(f"\ninterrupted: saved {run_dir / 'last.pt'} at epoch {epoch + 1} step {progress.step}; "
@@ -237,19 +257,12 @@ def train(args: argparse.Namespace) -> Path:
         except NonFiniteLoss as error:
             raise UserError(f"{error} in epoch {epoch + 1}; {run_dir / 'last.pt'} keeps the last good epoch; "
                             "lower --lr, or try --no-amp") from None
-        val_start = time.perf_counter()
-        confusion, val_loss = evaluate(model, val_loader, label_set.num_classes, ctx.device, amp_dtype,
-                                       show=ctx.is_main)
         if not ctx.is_main:
             progress = EpochProgress()
             continue
         report = evaluation_report(confusion.matrix, label_set)
-        history.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                        "train_loss": progress.loss_sum / max(progress.step, 1), "val_loss": val_loss,
-                        "val_mIoU": report["mIoU"], "pixel_acc": report["pixel_acc"],
-                        "seconds": progress.seconds, "data_wait": progress.data_wait / max(progress.seconds, 1e-9),
-                        "val_seconds": time.perf_counter() - val_start,
-                        "peak_gpu_mb": torch.cuda.max_memory_allocated(ctx.device) / 2**20 if ctx.device.type == "cuda" else 0})
+        history.append(epoch_record(epoch + 1, optimizer.param_groups[0]["lr"], progress, val_loss, report,
+                                    time.perf_counter() - val_start, ctx.device))
         progress = EpochProgress()
         is_best = report["mIoU"] > best_miou
         best_miou = max(best_miou, report["mIoU"])
@@ -294,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"predictions and overlays in {run_dir / 'test_val'}")
     except UserError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted before training started; nothing was saved")
 
 
 if __name__ == "__main__":
