@@ -36,7 +36,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYOUT_HELP = ("expected ROOT/training/image_2/*.png, ROOT/training/semantic/*.png and ROOT/testing/image_2/*.png "
                "(KITTI data_semantics layout); pass --download to fetch KITTI, or --data-root PATH")
-SPLIT_NAMES = ("train", "val", "trainval", "test")
+LABELLED_SPLITS = ("train", "val", "trainval")
 _ALLOWED_IDS = np.zeros(256, bool)
 _ALLOWED_IDS[VALID_IDS] = True
 _ALLOWED_IDS[IGNORE_INDEX] = True
@@ -106,8 +106,8 @@ def write_split(split: dict[str, list[str]], folder: Path) -> None:
 
 def resolve_split(root: Path, split: str, split_dir: Path | None = None) -> list[str]:
     """Names in a split: ``split_dir/<split>.txt`` if given, else the default 80/20 split of the labelled set."""
-    if split not in SPLIT_NAMES[:3]:
-        raise UserError(f"unknown labelled split {split!r}; choose one of {SPLIT_NAMES[:3]}")
+    if split not in LABELLED_SPLITS:
+        raise UserError(f"unknown labelled split {split!r}; choose one of {', '.join(LABELLED_SPLITS)}")
     labelled = list_labelled(root)
     if split == "trainval":
         return labelled

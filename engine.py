@@ -28,7 +28,6 @@ class EpochProgress:
 
     step: int = 0
     loss_sum: float = 0.0
-    images: int = 0
     data_wait: float = 0.0
     seconds: float = 0.0
 
@@ -96,7 +95,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         scheduler.step()
         pending_loss += loss.detach()
         progress.step += 1
-        progress.images += len(images)
         window_images += len(images)
         if step % log_every == 0 or step == len(loader):
             window_loss = pending_loss.item()

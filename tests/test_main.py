@@ -166,3 +166,15 @@ def test_full_label_set_trains_34_classes_and_reports_the_19_class_benchmark(syn
     metrics = json.loads((tmp_path / "full" / "test_val" / "metrics.json").read_text())
     assert len(metrics["class_iou"]) == 34 and metrics["label_set"] == "full"
     assert metrics["benchmark_mIoU"] is not None
+
+
+def test_training_split_smaller_than_one_batch_is_reported(synthetic_root, tmp_path):
+    with pytest.raises(UserError, match="fewer than one batch.*--batch-size"):
+        main.train(main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--batch-size", "64")))
+
+
+def test_init_from_a_finer_model_is_refused(synthetic_root, trained_run, tmp_path):
+    args = main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--arch", "fcn32", "--init-from",
+                                      str(trained_run / "best.pt")))
+    with pytest.raises(UserError, match="a fcn16 cannot initialise a coarser fcn32"):
+        main.make_model(args, main.distributed.Context(0, 1, torch.device("cpu")))
