@@ -108,16 +108,23 @@ def make_loaders(args: argparse.Namespace, ctx: distributed.Context, run_dir: Pa
     return train_loader, val_loader, sampler
 
 
+def warmup_poly(step: int, warmup: int, total: int, power: float) -> float:
+    """LR multiplier at ``step``: linear from 0.1 to 1 over ``warmup`` steps, then (1 - progress) ^ power to 0."""
+    if step < warmup:
+        return 0.1 + 0.9 * step / warmup
+    return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** power
+
+
 def make_optimization(model: torch.nn.Module, args: argparse.Namespace, steps_per_epoch: int):
-    """SGD with momentum; per-iteration linear warm-up then polynomial decay (torch LR schedulers)."""
+    """SGD with momentum, and one LambdaLR stepped every iteration: its whole state is the step count, so a
+    resume restores the schedule exactly on any torch version (SequentialLR's restore has varied)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     total = args.epochs * steps_per_epoch
     warmup = min(max(1, round(args.warmup_epochs * steps_per_epoch)), total - 1)
-    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
-        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup),
-        torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total - warmup, power=args.poly_power),
-    ], milestones=[warmup])
-    return optimizer, scheduler
+
+    def multiplier(step: int) -> float:
+        return warmup_poly(step, warmup, total, args.poly_power)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
 def make_model(args: argparse.Namespace, ctx: distributed.Context) -> torch.nn.Module:

@@ -178,3 +178,11 @@ def test_init_from_a_finer_model_is_refused(synthetic_root, trained_run, tmp_pat
                                       str(trained_run / "best.pt")))
     with pytest.raises(UserError, match="a fcn16 cannot initialise a coarser fcn32"):
         main.make_model(args, main.distributed.Context(0, 1, torch.device("cpu")))
+
+
+def test_learning_rate_warms_up_linearly_then_decays_polynomially_to_zero():
+    assert main.warmup_poly(0, warmup=10, total=110, power=0.9) == pytest.approx(0.1)
+    assert main.warmup_poly(5, warmup=10, total=110, power=0.9) == pytest.approx(0.55)
+    assert main.warmup_poly(10, warmup=10, total=110, power=0.9) == pytest.approx(1.0)
+    assert main.warmup_poly(60, warmup=10, total=110, power=0.9) == pytest.approx(0.5 ** 0.9)
+    assert main.warmup_poly(110, warmup=10, total=110, power=0.9) == 0.0
