@@ -126,9 +126,10 @@ def resolve_split(root: Path, split: str, split_dir: Path | None = None) -> list
 class RandomScaleCrop(v2.Transform):
     """``RandomResize`` (shorter side to a random length in scale_range x base_size) then a ``size`` x ``size``
     ``RandomCrop`` with padding, done the cheap way round: the crop window is chosen in the original image and
-    only its part inside the image is resized, then padded. Resizing the whole KITTI image by up to 2x first cost 6.4 ms a sample against
-    3.1 ms this way (one core, one run), and on a GPU the loader was the bottleneck. Padding is 0 for images
-    and 255 (ignore) for masks; masks are resized with nearest neighbour by ``v2.functional.resize``.
+    only its part inside the image is resized, then padded. Resizing the whole KITTI image by up to 2x first
+    cost 6.4 ms a sample against 3.1 ms this way (one core, one run), and on a GPU the loader was the
+    bottleneck. Padding is 0 for images and 255 (ignore) for masks; masks are resized with nearest neighbour
+    by ``v2.functional.resize``.
     """
 
     def __init__(self, size: int, base_size: int, scale_range: tuple[float, float]):

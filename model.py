@@ -72,6 +72,16 @@ def upsample_aligned(scores: torch.Tensor, factor: int, size: tuple[int, int]) -
     return rows @ scores @ columns.T
 
 
+def upsample2_onto(deconv: nn.ConvTranspose2d, scores: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """Learned x2 upsampling of coarse ``scores`` onto the grid of the finer ``skip`` map (cell i on 2i).
+
+    One replicated cell on the bottom/right lets the last row and column hold the border value (as
+    ``upsample_aligned`` does) instead of fading to zero; the result is sliced to the skip map's size.
+    """
+    up = deconv(F.pad(scores, (0, 1, 0, 1), mode="replicate"))
+    return up[..., : skip.shape[-2], : skip.shape[-1]]
+
+
 class ResNet18Trunk(nn.Module):
     """ResNet18 without avgpool/fc; returns the stride-8, -16 and -32 features (128, 256, 512 channels)."""
 
@@ -120,8 +130,7 @@ class FCN16s(FCN32s):
 
     def fuse16(self, c16: torch.Tensor, c32: torch.Tensor) -> torch.Tensor:
         """Stride-16 scores: score16(c16) + up x2 (score32(c32))."""
-        up = self.up32to16(F.pad(self.score32(c32), (0, 1, 0, 1), mode="replicate"))
-        return self.score16(c16) + up[..., : c16.shape[-2], : c16.shape[-1]]
+        return self.score16(c16) + upsample2_onto(self.up32to16, self.score32(c32), c16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, c16, c32 = self.trunk(x)
@@ -138,8 +147,7 @@ class FCN8s(FCN16s):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c8, c16, c32 = self.trunk(x)
-        up = self.up16to8(F.pad(self.fuse16(c16, c32), (0, 1, 0, 1), mode="replicate"))
-        fused8 = self.score8(c8) + up[..., : c8.shape[-2], : c8.shape[-1]]
+        fused8 = self.score8(c8) + upsample2_onto(self.up16to8, self.fuse16(c16, c32), c8)
         return upsample_aligned(fused8, 8, x.shape[-2:])
 
 
