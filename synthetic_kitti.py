@@ -1,6 +1,6 @@
-"""Procedurally drawn street scenes written in exactly the KITTI semantics layout.
+"""Procedurally drawn street scenes written in exactly the KITTI semantics layout, or Cityscapes' layout.
 
-SYNTHETIC DATA: these are not KITTI images. They let tests, the demo and new users run the whole pipeline
+SYNTHETIC DATA: these are not KITTI or Cityscapes images. They let tests, the demo and new users run the whole pipeline
 without the real archive. Each scene has sky, buildings, vegetation, terrain, road, sidewalk, cars, poles,
 traffic signs, persons, a fence and some unlabelled clutter, drawn with texture and noise, with the same
 Cityscapes label ids and image sizes as KITTI. A scene is a pure function of (seed, index).
@@ -15,6 +15,9 @@ import numpy as np
 from labels import ID_TO_LABEL, LABELS, colorize
 
 KITTI_SIZES = ((375, 1242), (370, 1224), (374, 1238), (376, 1241))
+# Official Cityscapes cities are disjoint between splits; names are <city>_<seq>_<frame>.
+CITYSCAPES_CITIES = {"train": ("aachen", "bochum"), "val": ("frankfurt",), "test": ("berlin",)}
+CITYSCAPES_SIZE = (512, 1024)  # half the real 1024 x 2048, so that a tree writes about as fast as a KITTI one
 _ID = {label.name: label.id for label in LABELS if label.id >= 0}
 
 
@@ -128,4 +131,34 @@ def write_synthetic_kitti(root: str | Path, num_train: int, num_test: int = 0, s
     for i in range(num_test):
         image, _ = make_scene(seed + 1, i, size)
         cv2.imwrite(str(dirs["testing/image_2"] / f"{i:06d}_10.png"), image[..., ::-1])
+    return root
+
+
+def write_synthetic_cityscapes(root: str | Path, num_train: int, num_val: int = 4, num_test: int = 0, seed: int = 0,
+                               size: tuple[int, int] | None = None) -> Path:
+    """Write scenes in the official Cityscapes layout under ``root``::
+
+        leftImg8bit/<split>/<city>/<city>_<seq>_000019_leftImg8bit.png
+        gtFine/<split>/<city>/<city>_<seq>_000019_gtFine_labelIds.png   (train and val)
+        gtFine/<split>/<city>/<city>_<seq>_000019_gtFine_color.png      (a picture: readers must ignore it)
+
+    ``size`` defaults to ``CITYSCAPES_SIZE``, half the real frame.
+    Every scene of a tree is distinct: scene ``index`` counts on across train, val and test.
+    """
+    root = Path(root)
+    first = 0
+    for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
+        cities = CITYSCAPES_CITIES[split]
+        for i in range(count):
+            city = cities[i % len(cities)]
+            stem = f"{city}_{i // len(cities):06d}_000019"
+            image, label = make_scene(seed, first + i, size or CITYSCAPES_SIZE)
+            image_dir, label_dir = root / "leftImg8bit" / split / city, root / "gtFine" / split / city
+            image_dir.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(image_dir / f"{stem}_leftImg8bit.png"), image[..., ::-1])
+            if split != "test":
+                label_dir.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(label_dir / f"{stem}_gtFine_labelIds.png"), label)
+                cv2.imwrite(str(label_dir / f"{stem}_gtFine_color.png"), colorize(label)[..., ::-1])
+        first += count
     return root
