@@ -216,7 +216,8 @@ class CityscapesLayout:
         train, val = self._pairs(root, "train"), self._pairs(root, "val")
         both = sorted(train.keys() & val.keys())
         if both:
-            raise UserError(f"{root / 'leftImg8bit'}: {both[0]} is in both train/ and val/; a name must be in one split")
+            raise UserError(f"{root / 'leftImg8bit'}: {both[0]} is in both train/ and val/; "
+                            "a name must be in one split")
         return {**train, **val}
 
     def default_split(self, root: Path) -> dict[str, list[str]]:
@@ -241,10 +242,11 @@ def _missing_labels_message(missing: list[Path]) -> str:
     """One line for images without ``*_gtFine_labelIds.png``, saying which wrong label files are there."""
     first, more = missing[0], f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     stem = str(first)[:-len(CITYSCAPES_LABEL)]
-    found = [suffix for suffix in ("_gtFine_color.png", "_gtFine_instanceIds.png") if Path(stem + suffix).is_file()]
+    found = [f"{Path(stem + suffix).name} ({what})" for suffix, what in
+             (("_gtFine_color.png", "colours"), ("_gtFine_instanceIds.png", "16-bit instance ids"))
+             if Path(stem + suffix).is_file()]
     if found:
-        what = "colours" if "color" in found[0] else "16-bit instance ids"
-        return (f"{first} is missing{more}; {Path(stem + found[0]).name} holds {what}, not label ids: "
+        return (f"{first} is missing{more}; found {' and '.join(found)}, not label ids: "
                 "extract the *_gtFine_labelIds.png files of gtFine_trainvaltest.zip")
     return (f"{first} is missing{more}: every leftImg8bit image needs its *_gtFine_labelIds.png "
             "(gtFine_trainvaltest.zip)")
@@ -393,11 +395,12 @@ class SegmentationDataset(Dataset):
         self.label_set = get_label_set(label_set) if isinstance(label_set, str) else label_set
         self.transform = transform
         self.cache_budget_gb = cache_budget_gb(cache)
-        self.decoded_gb = estimate_decoded_bytes(image for image, _ in self.paths) / 1e9 if self.cache_budget_gb else None
-        self._cache = None
-        if self.cache_budget_gb and self.decoded_gb <= self.cache_budget_gb:
-            with ThreadPoolExecutor(4) as pool:  # cv2 releases the GIL while decoding
-                self._cache = list(pool.map(self._load, range(len(self.names))))
+        self.decoded_gb, self._cache = None, None
+        if self.cache_budget_gb:
+            self.decoded_gb = estimate_decoded_bytes(image for image, _ in self.paths) / 1e9
+            if self.decoded_gb <= self.cache_budget_gb:
+                with ThreadPoolExecutor(4) as pool:  # cv2 releases the GIL while decoding
+                    self._cache = list(pool.map(self._load, range(len(self.names))))
 
     @property
     def cached(self) -> bool:
@@ -500,7 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layout", "--dataset", dest="layout", default="kitti", choices=DATASETS,
                         help="on-disk layout for --make-synthetic and --check (default %(default)s)")
     parser.add_argument("--make-synthetic", type=Path, metavar="DIR", help="write a synthetic tree")
-    parser.add_argument("--num", type=int, default=200, help="labelled (Cityscapes: train) synthetic images (default 200)")
+    parser.add_argument("--num", type=int, default=200,
+                        help="labelled (Cityscapes: train) synthetic images (default 200)")
     parser.add_argument("--num-val", type=int, default=4, help="Cityscapes only: val images (default 4)")
     parser.add_argument("--num-test", type=int, default=0, help="unlabelled synthetic images (default 0)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),

@@ -12,9 +12,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from errors import UserError
 from labels import ID_TO_LABEL, LABELS, colorize
 
 KITTI_SIZES = ((375, 1242), (370, 1224), (374, 1238), (376, 1241))
+MIN_HEIGHT = 60  # below it the street under the horizon (at up to half the height) has no room for a car
 # Official Cityscapes cities are disjoint between splits; names are <city>_<seq>_<frame>.
 CITYSCAPES_CITIES = {"train": ("aachen", "bochum"), "val": ("frankfurt",), "test": ("berlin",)}
 CITYSCAPES_SIZE = (512, 1024)  # half the real 1024 x 2048, so that a tree writes about as fast as a KITTI one
@@ -107,6 +109,8 @@ def make_scene(seed: int, index: int, size: tuple[int, int] | None = None) -> tu
     """One synthetic scene: (H, W, 3) uint8 RGB image and (H, W) uint8 Cityscapes label ids."""
     rng = np.random.default_rng([seed, index])
     h, w = size or KITTI_SIZES[rng.integers(len(KITTI_SIZES))]
+    if h < MIN_HEIGHT:
+        raise UserError(f"synthetic scenes need at least {MIN_HEIGHT} rows, not {h}: the street is drawn in pixels")
     canvas = _Canvas(h, w, rng)
     horizon = int(rng.uniform(0.35, 0.5) * h)
     _draw_background(canvas, h, w, horizon)

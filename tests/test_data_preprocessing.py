@@ -195,14 +195,16 @@ def test_non_square_crop_comes_out_height_by_width():
 
 
 def test_seeded_augmentation_is_reproducible_and_varies_with_the_seed(synthetic_root):
-    dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root), transform=train_augmentation(64, base_size=96))
+    augment = train_augmentation(64, base_size=96)
+    dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root), transform=augment)
     first, again, other = dataset[(0, 123)], dataset[(0, 123)], dataset[(0, 124)]
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[0], other[0])
 
 
 def test_batches_do_not_depend_on_the_number_of_workers(synthetic_root):
-    dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root), transform=train_augmentation(64, base_size=96))
+    augment = train_augmentation(64, base_size=96)
+    dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root), transform=augment)
 
     def batches(workers):
         sampler = SeededTrainSampler(len(dataset), seed=3)
@@ -228,8 +230,162 @@ def test_synthetic_scenes_are_deterministic_kitti_sized_and_map_ids_by_the_label
         assert (raw == label_id).any()
         assert (train[raw == label_id] == train_id[label_id]).all() and (full[raw == label_id] == label_id).all()
     assert train_id[4] == 255 and train_id[7] == 0 and train_id[26] == 13
+    with pytest.raises(UserError, match="at least 60 rows, not 40"):
+        make_scene(0, 0, (40, 120))
     ignored = np.isin(raw, [i for i, t in train_id.items() if t == 255])
     assert np.array_equal(train.numpy() == 255, ignored)  # every void id, and only those, is ignored
+
+
+# --- Cityscapes layout -----------------------------------------------------------------------------------
+CITY_TRAIN = ["aachen/aachen_000000_000019", "aachen/aachen_000001_000019", "bochum/bochum_000000_000019",
+              "bochum/bochum_000001_000019"]
+CITY_VAL = ["frankfurt/frankfurt_000000_000019", "frankfurt/frankfurt_000001_000019"]
+
+
+@pytest.fixture(scope="module")
+def cityscapes_root(tmp_path_factory) -> Path:
+    """4 train + 2 val + 1 test synthetic scenes in the official layout, at 64 x 128."""
+    return write_synthetic_cityscapes(tmp_path_factory.mktemp("cityscapes"), 4, 2, 1, seed=0, size=(64, 128))
+
+
+@pytest.fixture
+def cityscapes_copy(tmp_path, cityscapes_root) -> Path:
+    import shutil
+    return Path(shutil.copytree(cityscapes_root, tmp_path / "cityscapes"))
+
+
+def gt(root: Path, split: str, name: str, kind: str = "labelIds") -> Path:
+    return root / "gtFine" / split / f"{name}_gtFine_{kind}.png"
+
+
+def test_cityscapes_splits_are_the_official_folders_named_city_slash_stem(cityscapes_root):
+    assert default_split_for("cityscapes", cityscapes_root) == {"train": CITY_TRAIN, "val": CITY_VAL}
+    assert labelled_names("cityscapes", cityscapes_root, "val") == CITY_VAL
+    assert labelled_names("cityscapes", cityscapes_root, "trainval") == sorted(CITY_TRAIN + CITY_VAL)
+    [(name, path)] = list_test_images("cityscapes", cityscapes_root)
+    assert name == "berlin/berlin_000000_000019"
+    assert path == cityscapes_root / "leftImg8bit" / "test" / "berlin" / "berlin_000000_000019_leftImg8bit.png"
+    assert ImageList(list_test_images("cityscapes", cityscapes_root))[0].shape == (3, 64, 128)
+
+
+def test_cityscapes_reads_rgb_images_and_labelIds_pixel_by_pixel_and_never_the_color_files(cityscapes_copy):
+    for color in cityscapes_copy.glob("gtFine/*/*/*_gtFine_color.png"):
+        color.write_bytes(b"not read")  # a reader that looked at these would fail
+    dataset = SegmentationDataset("cityscapes", cityscapes_copy, CITY_VAL, "train")
+    for index, name in enumerate(CITY_VAL):
+        image, label = dataset[index]
+        bgr = cv2.imread(str(cityscapes_copy / "leftImg8bit" / "val" / f"{name}_leftImg8bit.png"))
+        raw = cv2.imread(str(gt(cityscapes_copy, "val", name)), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(image.permute(1, 2, 0).numpy(), bgr[..., ::-1])
+        assert np.array_equal(label.numpy(), labels.ID_TO_TRAIN_ID[raw]) and (label == 0).any()
+
+
+def test_cityscapes_split_dir_overrides_the_official_folders(cityscapes_root, tmp_path):
+    write_split({"train": CITY_VAL[:1], "val": CITY_TRAIN[:2]}, tmp_path)
+    assert labelled_names("cityscapes", cityscapes_root, "train", tmp_path) == CITY_VAL[:1]
+    names = labelled_names("cityscapes", cityscapes_root, "val", tmp_path)
+    assert len(SegmentationDataset("cityscapes", cityscapes_root, names)) == 2
+    (tmp_path / "val.txt").write_text("aachen_000000_000019\n")  # the city folder is part of the name
+    with pytest.raises(UserError, match="aachen_000000_000019"):
+        labelled_names("cityscapes", cityscapes_root, "val", tmp_path)
+
+
+def test_cityscapes_seeded_augmentation_with_a_non_square_crop(cityscapes_root):
+    augment = train_augmentation((32, 64), base_size=None)
+    dataset = SegmentationDataset("cityscapes", cityscapes_root, CITY_TRAIN, transform=augment)
+    (image, label), (again, label_again) = dataset[(1, 7)], dataset[(1, 7)]
+    assert image.shape == (3, 32, 64) and label.shape == (32, 64)
+    assert torch.equal(image, again) and torch.equal(label, label_again)
+
+
+def test_cityscapes_image_without_labelIds_names_the_missing_file(cityscapes_copy):
+    gt(cityscapes_copy, "train", CITY_TRAIN[2]).unlink()
+    gt(cityscapes_copy, "train", CITY_TRAIN[2], "color").unlink()
+    with pytest.raises(UserError, match=r"bochum_000000_000019_gtFine_labelIds.png is missing: every leftImg8bit"):
+        default_split_for("cityscapes", cityscapes_copy)
+
+
+def test_cityscapes_color_files_alone_are_refused_as_labels(cityscapes_copy):
+    for label in cityscapes_copy.glob("gtFine/val/*/*_gtFine_labelIds.png"):
+        label.unlink()
+    with pytest.raises(UserError, match=r"labelIds.png is missing \(and 1 more\); found .*color.png \(colours\), not"):
+        labelled_names("cityscapes", cityscapes_copy, "val")
+
+
+def test_cityscapes_instance_ids_are_refused_as_labels(cityscapes_copy):
+    name = CITY_TRAIN[0]
+    instances = cv2.imread(str(gt(cityscapes_copy, "train", name)), cv2.IMREAD_UNCHANGED).astype(np.uint16) * 1000
+    cv2.imwrite(str(gt(cityscapes_copy, "train", name, "instanceIds")), instances)
+    gt(cityscapes_copy, "train", name).rename(gt(cityscapes_copy, "train", name, "unused"))
+    with pytest.raises(UserError, match=r"aachen_000000_000019_gtFine_labelIds.png is missing; found .*color.png "
+                                        r"\(colours\) and .*instanceIds.png \(16-bit instance ids\), not label ids"):
+        default_split_for("cityscapes", cityscapes_copy)
+    cv2.imwrite(str(gt(cityscapes_copy, "train", name)), instances)  # 16-bit values under the labelIds name
+    with pytest.raises(UserError, match=r"aachen_000000_000019_gtFine_labelIds.png: .*8-bit.*uint16.*instanceIds"):
+        SegmentationDataset("cityscapes", cityscapes_copy, [name])[0]
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda label: label[:, :3].fill(40), r"labelIds.png: label ids \[40\] are not in the Cityscapes table"),
+    (lambda label: None, r"labelIds.png: label size \(32, 128\) differs from its image's \(64, 128\)"),
+])
+def test_cityscapes_bad_labelIds_name_the_file(cityscapes_copy, damage, message):
+    path = gt(cityscapes_copy, "train", CITY_TRAIN[1])
+    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    damage(label)
+    cv2.imwrite(str(path), label if (label == 40).any() else label[:32])
+    with pytest.raises(UserError, match=f"aachen_000001_000019_gtFine_{message}"):
+        SegmentationDataset("cityscapes", cityscapes_copy, CITY_TRAIN)[1]
+
+
+def test_cityscapes_empty_split_folder_and_missing_root_show_the_layout(cityscapes_copy, tmp_path):
+    for image in cityscapes_copy.glob("leftImg8bit/val/*/*.png"):
+        image.unlink()
+    with pytest.raises(UserError, match=r"leftImg8bit/val holds no <city>/\*_leftImg8bit.png files: expected ROOT/"):
+        default_split_for("cityscapes", cityscapes_copy)
+    with pytest.raises(UserError, match=r"nowhere does not exist: expected ROOT/leftImg8bit/.*_gtFine_labelIds.png"):
+        SegmentationDataset("cityscapes", tmp_path / "nowhere", CITY_TRAIN)
+
+
+def test_make_synthetic_and_check_on_the_command_line_for_both_layouts(tmp_path, capsys):
+    for layout in DATASETS:
+        root = tmp_path / layout
+        data_preprocessing.main(["--make-synthetic", str(root), "--layout", layout, "--num", "3", "--num-val", "2",
+                                 "--num-test", "1", "--size", "64", "96"])
+        data_preprocessing.main(["--check", str(root), "--layout", layout])
+    out = capsys.readouterr().out
+    assert "kitti: 3 labelled pairs, 1 test images, kitti split 2/1, sizes [(64, 96)]: OK" in out
+    assert "cityscapes: 5 labelled pairs, 1 test images, cityscapes split 3/2, sizes [(64, 96)]: OK" in out
+    assert len(list((tmp_path / "cityscapes").glob("gtFine/*/*/*_gtFine_color.png"))) == 5
+
+
+# --- cache within a memory budget ------------------------------------------------------------------------
+def test_decoded_size_is_estimated_from_png_headers_without_decoding(cityscapes_root, tmp_path):
+    files = sorted(cityscapes_root.glob("leftImg8bit/*/*/*.png"))
+    expected = sum(cv2.imread(str(f)).shape[0] * cv2.imread(str(f)).shape[1] * 4 for f in files)
+    assert estimate_decoded_bytes(files) == expected == 7 * 64 * 128 * 4
+    (tmp_path / "fake.png").write_bytes(b"GIF89a" + bytes(40))
+    with pytest.raises(UserError, match="fake.png: cannot be read as a PNG"):
+        estimate_decoded_bytes([tmp_path / "fake.png"])
+
+
+def test_cache_is_used_only_within_its_budget_and_returns_what_the_disk_holds(cityscapes_root):
+    decoded_gb = 4 * 64 * 128 * 4 / 1e9
+    within = SegmentationDataset("cityscapes", cityscapes_root, CITY_TRAIN, cache=decoded_gb * 1.01)
+    over = SegmentationDataset("cityscapes", cityscapes_root, CITY_TRAIN, cache=decoded_gb * 0.99)
+    off = SegmentationDataset("cityscapes", cityscapes_root, CITY_TRAIN, cache=False)
+    assert within.cached and not over.cached and not off.cached
+    assert within.decoded_gb == pytest.approx(decoded_gb) and off.decoded_gb is None
+    for i in range(len(CITY_TRAIN)):
+        assert all(torch.equal(a, b) for a, b in zip(within[i], over[i]))
+        assert np.array_equal(within.load_label(i), over.load_label(i))
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").is_file(), reason="reads Linux's /proc/meminfo")
+def test_default_cache_budget_is_half_the_available_memory():
+    available_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                        if line.startswith("MemAvailable:"))
+    assert default_cache_gb() == pytest.approx(available_kb * 1024 / 2 / 1e9, rel=0.1)  # other processes move it
 
 
 # --- bad input: one clear line each ----------------------------------------------------------------------
