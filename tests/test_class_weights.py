@@ -1,0 +1,109 @@
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from class_weights import class_pixel_counts, class_weights, rarest_class
+from data_preprocessing import KittiSemantics, list_labelled
+from errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+# Three hand-made 4 x 5 label maps, as {Cityscapes label id: pixels}; id 4 (static) is void in the 'train' set.
+# In 'train' classes: road (id 7) = 0, pole (17) = 5, sky (23) = 10, car (26) = 13.
+IMAGES = {"a": {7: 12, 26: 6, 4: 2}, "b": {7: 10, 23: 10}, "c": {7: 5, 26: 5, 23: 5, 17: 5}}
+TRAIN_CLASS = {7: 0, 17: 5, 23: 10, 26: 13}
+
+
+@pytest.fixture
+def hand_made_tree(tmp_path) -> Path:
+    """The label maps above in the KITTI layout; the 'images' are not PNGs, so decoding one would fail."""
+    for folder in ("image_2", "semantic"):
+        (tmp_path / "training" / folder).mkdir(parents=True)
+    for name, pixels in IMAGES.items():
+        ids = np.concatenate([np.full(n, label_id, np.uint8) for label_id, n in pixels.items()])
+        cv2.imwrite(str(tmp_path / "training" / "semantic" / f"{name}.png"), ids.reshape(4, 5))
+        (tmp_path / "training" / "image_2" / f"{name}.png").write_bytes(b"never decoded")
+    return tmp_path
+
+
+def test_pixel_counts_come_from_the_labels_alone(hand_made_tree):
+    counts = class_pixel_counts(KittiSemantics(hand_made_tree, ["a", "b", "c"], "train"))
+    assert counts.shape == (3, 19)
+    for row, pixels in zip(counts, IMAGES.values()):
+        expected = np.zeros(19, np.int64)
+        for label_id, n in pixels.items():
+            if label_id in TRAIN_CLASS:
+                expected[TRAIN_CLASS[label_id]] = n
+        assert np.array_equal(row, expected)  # void pixels (id 4) counted nowhere
+
+
+def test_cached_and_uncached_counts_agree(synthetic_root):
+    names = list_labelled(synthetic_root)
+    cached = KittiSemantics(synthetic_root, names, cache=10.0)
+    assert cached.cached
+    counts = class_pixel_counts(KittiSemantics(synthetic_root, names))
+    assert np.array_equal(class_pixel_counts(cached), counts)
+    assert counts.sum() == sum(int((cached[i][1] != 255).sum()) for i in range(len(names)))
+
+
+def test_median_frequency_weights_match_the_formula_on_the_hand_counts(hand_made_tree):
+    counts = class_pixel_counts(KittiSemantics(hand_made_tree, ["a", "b", "c"], "train"))
+    labelled = {name: sum(n for i, n in pixels.items() if i in TRAIN_CLASS) for name, pixels in IMAGES.items()}
+    freq = {}
+    for label_id, cls in TRAIN_CLASS.items():
+        holding = [name for name, pixels in IMAGES.items() if label_id in pixels]
+        freq[cls] = sum(IMAGES[name][label_id] for name in holding) / sum(labelled[name] for name in holding)
+    median = statistics.median(freq.values())
+    weights = class_weights(counts, "median-freq")
+    assert weights.dtype == torch.float32 and weights.shape == (19,)
+    for cls, f in freq.items():
+        assert weights[cls].item() == pytest.approx(median / f, rel=1e-6)
+    absent = [c for c in range(19) if c not in freq]
+    assert (weights[absent] == max(median / f for f in freq.values())).all()  # the rarest class's weight
+    assert weights[5] > weights[0]  # pole (rare) outweighs road
+
+
+def test_enet_log_weights_match_the_formula_on_the_hand_counts(hand_made_tree):
+    counts = class_pixel_counts(KittiSemantics(hand_made_tree, ["a", "b", "c"], "train"))
+    totals = {cls: sum(pixels.get(label_id, 0) for pixels in IMAGES.values())
+              for label_id, cls in TRAIN_CLASS.items()}
+    all_labelled = sum(totals.values())  # 58: the two void pixels are not part of p_class
+    weights = class_weights(counts, "log")
+    expected = {cls: 1 / math.log(1.02 + n / all_labelled) for cls, n in totals.items()}
+    for cls, w in expected.items():
+        assert weights[cls].item() == pytest.approx(w, rel=1e-6)
+    absent = weights[[c for c in range(19) if c not in totals]]
+    assert absent.tolist() == pytest.approx([max(expected.values())] * len(absent))
+    assert torch.equal(class_weights(counts, "none"), torch.ones(19))
+
+
+def test_rarest_class_is_the_present_class_with_fewest_pixels(hand_made_tree):
+    counts = class_pixel_counts(KittiSemantics(hand_made_tree, ["a", "b", "c"], "train"))
+    assert rarest_class(counts) == 5  # pole: 5 pixels; absent classes (0 pixels) do not count
+
+
+def test_bad_method_and_all_ignored_labels_are_one_line_errors():
+    with pytest.raises(UserError, match="unknown class weighting 'inverse'"):
+        class_weights(np.ones((1, 3)), "inverse")
+    with pytest.raises(UserError, match="no labelled pixel"):
+        class_weights(np.zeros((2, 3)), "log")
+
+
+def test_command_line_prints_one_weight_per_class(hand_made_tree, tmp_path):
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "train.txt").write_text("a\nb\nc\n")
+    (split / "val.txt").write_text("c\n")
+    result = subprocess.run([sys.executable, str(ROOT / "class_weights.py"), "--data-root", str(hand_made_tree),
+                             "--split-dir", str(split), "--method", "log"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    road = 27 / 58  # pixels of road / labelled pixels of a, b, c
+    assert result.stdout.splitlines()[0].split() == ["road", f"{100 * road:.2f}%", "of", "pixels", "weight",
+                                                     f"{1 / math.log(1.02 + road):.3f}"]
+    assert len(result.stdout.splitlines()) == 19
