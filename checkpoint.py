@@ -1,14 +1,16 @@
 """Checkpoints: written atomically, loaded with ``weights_only=True``, checked before use.
 
 A checkpoint is a plain dict of tensors and primitives: model, optimizer, scheduler and scaler state,
-``epoch`` (epochs completed), ``step`` (steps done inside the next epoch, non-zero only after Ctrl-C),
-``best_miou``, ``arch``, ``num_classes``, ``label_set``, ``config``, ``history`` (one dict per epoch) and
-the torch RNG states.
+``epoch`` (epochs completed), ``progress`` (steps done inside the next epoch, non-zero only after an
+interrupt), ``best_miou``, ``arch``, ``num_classes``, ``label_set``, ``world_size``, ``config``,
+``history`` (one dict per epoch) and the torch RNG state.
 """
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -16,17 +18,48 @@ import torch
 from errors import UserError
 
 REQUIRED_KEYS = ("model", "arch", "num_classes", "label_set")
+TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "rng_cpu", "history", "progress", "epoch", "config")
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (the rename lives in the directory, not in the file)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to a temporary file beside ``path``, flush it to disk, then rename: never a half-written file."""
+    """Write to a temporary file beside ``path``, flush it to disk, then rename: never a half-written file.
+    A failed write removes its temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+
+
+def publish_copy(source: Path, path: Path) -> None:
+    """Make ``path`` hold what ``source`` holds now, atomically and without writing the data again.
+
+    A hard link shares the file: ``source`` is later replaced by a rename, never rewritten in place, so
+    ``path`` keeps this version. File systems without hard links get a copy.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
     os.replace(tmp, path)
+    _fsync_directory(path.parent)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -34,6 +67,10 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the best.pt or last.pt of a run directory")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # torch.save writes a zip (or a legacy pickle)
+        raise UserError(f"{path}: not a PyTorch checkpoint file; pass the best.pt or last.pt of a run directory")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -46,6 +83,14 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         raise UserError(f"{path}: not a checkpoint written by main.py (needs keys {', '.join(REQUIRED_KEYS)})")
     return state
+
+
+def require_training_state(state: dict, path: Path) -> None:
+    """A checkpoint to resume from needs the optimizer, schedule and progress, not only the weights."""
+    missing = [key for key in TRAINING_KEYS if key not in state]
+    if missing:
+        raise UserError(f"{path}: holds weights but no training state ({', '.join(missing)} missing), so it cannot "
+                        f"be resumed; start a new run from it with --init-from {path}")
 
 
 def load_model_weights(model: torch.nn.Module, state: dict, path: Path) -> None:

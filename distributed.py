@@ -40,6 +40,15 @@ def setup(device_name: str) -> Context:
     return Context(dist.get_rank(), world_size, device)
 
 
+def broadcast_object(value: object) -> object:
+    """Rank 0's ``value`` on every rank (itself under a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

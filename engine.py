@@ -16,6 +16,7 @@ from tqdm import tqdm
 from data_preprocessing import normalize
 from labels import IGNORE_INDEX
 from metrics import ConfusionMatrix
+from stop_signal import StopRequest
 
 
 class NonFiniteLoss(RuntimeError):
@@ -68,50 +69,76 @@ def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, scaler,
                     device: torch.device, amp_dtype: torch.dtype | None, progress: EpochProgress,
-                    desc: str = "train", log_every: int = 10, show: bool = True) -> EpochProgress:
+                    desc: str = "train", log_every: int = 10, show: bool = True,
+                    stop: StopRequest | None = None, class_weights: torch.Tensor | None = None) -> bool:
     """Train over ``loader`` (which may start mid-epoch), updating ``progress`` in place.
 
-    The loss is accumulated on the device and read back only every ``log_every`` steps, so the host never
-    waits for the GPU in between. Time spent waiting for the next batch is added to ``progress.data_wait``.
+    Returns False if ``stop`` asked to stop: then ``progress`` holds every finished step, its loss and its
+    time, and nothing of an unfinished one. The loss is accumulated on the device and read back only every
+    ``log_every`` steps (and on stopping), so the host never waits for the GPU in between. Time spent
+    waiting for the next batch is added to ``progress.data_wait``.
     """
     model.train()
-    pending_loss = torch.zeros((), device=device)
+    pending_loss = torch.zeros((), dtype=torch.float64, device=device)
     line = ProgressLine(len(loader) + progress.step, desc, show, initial=progress.step)
     start = window_start = time.perf_counter()
-    window_images, wait_start = 0, start
+    window_steps, window_images, wait_start, stopped = 0, 0, start, False
     for step, (images, labels) in enumerate(loader, 1):
         progress.data_wait += time.perf_counter() - wait_start
-        x = to_model_input(images, device)
-        target = labels.to(device, non_blocking=True).long()
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        # sum / valid count equals the mean CE, and stays finite for a crop that is all ignore
-        loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
-        loss = loss / (target != IGNORE_INDEX).sum().clamp(min=1)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        loss = train_step(model, images, labels, optimizer, scheduler, scaler, device, amp_dtype, class_weights)
         pending_loss += loss.detach()
         progress.step += 1
-        window_images += len(images)
-        if step % log_every == 0 or step == len(loader):
+        window_steps, window_images = window_steps + 1, window_images + len(images)
+        at_boundary = step % log_every == 0 or step == len(loader)
+        stopped = stop is not None and stop.agreed(at_boundary)
+        if at_boundary or stopped:
             window_loss = pending_loss.item()
             pending_loss.zero_()
             if not math.isfinite(window_loss):
                 raise NonFiniteLoss(f"training loss became {window_loss} at step {progress.step}")
             progress.loss_sum += window_loss
             now = time.perf_counter()
-            line.update(log_every if step % log_every == 0 else step % log_every, {
-                "loss": f"{progress.loss_sum / progress.step:.4f}",
-                "lr": f"{optimizer.param_groups[0]['lr']:.2e}",
-                "img/s": f"{window_images / (now - window_start):.1f}"})
-            window_start, window_images = now, 0
+            line.update(window_steps, {"loss": f"{progress.loss_sum / progress.step:.4f}",
+                                       "lr": f"{optimizer.param_groups[0]['lr']:.2e}",
+                                       "img/s": f"{window_images / (now - window_start):.1f}"})
+            window_start, window_steps, window_images = now, 0, 0
+        if stopped:
+            break
         wait_start = time.perf_counter()
     line.close()
     progress.seconds += time.perf_counter() - start
-    return progress
+    return not stopped
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer, scheduler, scaler,
+               device: torch.device, amp_dtype: torch.dtype | None,
+               class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One SGD step on a uint8 batch; returns the (device) loss, the mean cross-entropy over valid pixels."""
+    x = to_model_input(images, device)
+    target = labels.to(device, non_blocking=True).long()
+    with autocast(device, amp_dtype):
+        logits = model(x)
+    loss = segmentation_loss(logits.float(), target, class_weights)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor,
+                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy over non-ignored pixels: the sum divided by the (weighted) count of valid pixels.
+
+    Dividing by hand keeps a crop that is all ignore finite (PyTorch's mean would be 0/0); with class
+    weights, the divisor is the sum of the valid pixels' weights, as in PyTorch's weighted mean.
+    """
+    loss = F.cross_entropy(logits, target, weight=class_weights, ignore_index=IGNORE_INDEX, reduction="sum")
+    valid = target != IGNORE_INDEX
+    if class_weights is None:
+        return loss / valid.sum().clamp(min=1)
+    return loss / class_weights[target[valid]].sum().clamp(min=1e-12)
 
 
 def predict(model: nn.Module, images: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None = None,

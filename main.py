@@ -7,28 +7,31 @@
 """
 # ---- Hyperparameters: edit here, or override with the flag of the same name (--batch-size for BATCH_SIZE) ----
 ARCH = "fcn16"                   # fcn32 | fcn16 | fcn8
+DATASET = "kitti"                # kitti | cityscapes (official layout; see README "From Cityscapes to KITTI")
 EPOCHS = 50                      # passes over the training split (160 images for KITTI)
 BATCH_SIZE = 8                   # images per step and per process (DDP: total = BATCH_SIZE x processes)
-CROP_SIZE = 320                  # square training crop in pixels, taken after random scaling 0.5-2.0
+CROP_SIZE = None                 # training crop, "H" or "H W" pixels; None: the dataset's (KITTI 320, Cityscapes 512 1024)
+BASE_SIZE = None                 # random scaling draws the shorter side from 0.5-2.0 x this; None: the dataset's frame height
 LR = 0.01                        # peak SGD learning rate, reached after warm-up (not scaled with DDP)
 MOMENTUM = 0.9                   # SGD momentum
-WEIGHT_DECAY = 1e-4              # L2 on all weights
+WEIGHT_DECAY = 1e-4              # L2 on convolution weights (not on BatchNorm, biases or the x2 upsampling)
 WARMUP_EPOCHS = 1.0              # linear warm-up from 0.1 x LR over this many epochs, then poly decay
 POLY_POWER = 0.9                 # lr = LR x (1 - progress) ^ POLY_POWER, stepped every iteration
 LABEL_SET = "train"              # train: 19 benchmark classes (others ignored) | full: all 34 label ids
-DATA_ROOT = "data/data_semantics"  # folder holding training/ and testing/ (KITTI layout)
+CLASS_WEIGHTS = "none"           # none | median-freq (SegNet) | log (ENet): cross-entropy weights from the train labels
+DATA_ROOT = "data/data_semantics"  # KITTI: folder holding training/ and testing/; Cityscapes: leftImg8bit/ and gtFine/
 OUT_DIR = None                   # run folder; None -> runs/<arch>-<date>-<time>; never overwritten
-SEED = 0                         # split, shuffling, augmentation and initialisation
+SEED = 0                         # shuffling, augmentation and initialisation (the train/val split is fixed)
 AMP = True                       # CUDA only: bf16 autocast where supported, else fp16 with loss scaling
-WORKERS = 2                      # DataLoader processes per training process
+WORKERS = "auto"                 # DataLoader processes per training process; auto: from the CPU count
 PRETRAINED = True                # ImageNet ResNet18 trunk (downloaded once, or --backbone-weights PATH)
-CACHE = True                     # decode every PNG once and keep it in memory (about 280 MB for KITTI)
+CACHE_GB = None                  # keep decoded images in memory up to this size; None: half the free memory; 0: off
 LOG_EVERY = 10                   # steps between loss read-backs / progress lines
 # ------------------------------------------------------------------------------------------------------------
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import signal  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -36,76 +39,111 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
 import distributed  # noqa: E402
-from checkpoint import load_checkpoint, load_model_weights, save_checkpoint  # noqa: E402
-from data_preprocessing import KittiSemantics, default_split, list_labelled, resolve_split, train_augmentation, write_split  # noqa: E402,E501
+from checkpoint import load_checkpoint, load_model_weights, publish_copy, require_training_state, save_checkpoint  # noqa: E402,E501
 from engine import EpochProgress, NonFiniteLoss, evaluate, train_one_epoch  # noqa: E402
 from errors import UserError  # noqa: E402
 from labels import get_label_set  # noqa: E402
 from metrics import evaluation_report  # noqa: E402
 from model import ARCHS, build_model, count_parameters  # noqa: E402
 from plots import plot_curves  # noqa: E402
-from samplers import SeededTrainSampler, ShardSampler  # noqa: E402
+from run_data import make_loaders  # noqa: E402
+from stop_signal import StopRequest  # noqa: E402
 
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
                   "val_seconds", "peak_gpu_mb")
+RESUMABLE_FLAGS = {"resume", "device", "workers", "data_root"}  # what --resume may change: where, not what
+CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at the end): matplotlib is slow
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default=ARCH, choices=ARCHS, help="(default %(default)s)")
-    for name, value, kind in (("epochs", EPOCHS, int), ("batch-size", BATCH_SIZE, int), ("crop-size", CROP_SIZE, int),
-                              ("lr", LR, float), ("momentum", MOMENTUM, float), ("weight-decay", WEIGHT_DECAY, float),
+    p.add_argument("--dataset", default=DATASET, choices=("kitti", "cityscapes"), help="(default %(default)s)")
+    for name, value, kind in (("epochs", EPOCHS, int), ("batch-size", BATCH_SIZE, int), ("lr", LR, float),
+                              ("momentum", MOMENTUM, float), ("weight-decay", WEIGHT_DECAY, float),
                               ("warmup-epochs", WARMUP_EPOCHS, float), ("poly-power", POLY_POWER, float),
-                              ("seed", SEED, int), ("workers", WORKERS, int), ("log-every", LOG_EVERY, int)):
+                              ("seed", SEED, int), ("log-every", LOG_EVERY, int)):
         p.add_argument(f"--{name}", type=kind, default=value, help="(default %(default)s)")
+    p.add_argument("--crop-size", type=int, nargs="+", default=CROP_SIZE, metavar="H [W]",
+                   help="training crop (default: the dataset's)")
+    p.add_argument("--base-size", type=int, default=BASE_SIZE, help="scaling reference (default: the dataset's)")
+    p.add_argument("--workers", default=WORKERS, help="DataLoader processes per training process, or auto "
+                   "(default %(default)s)")
     p.add_argument("--label-set", default=LABEL_SET, choices=("train", "full"), help="(default %(default)s)")
+    p.add_argument("--class-weights", default=CLASS_WEIGHTS, choices=("none", "median-freq", "log"),
+                   help="class balancing of the cross-entropy (default %(default)s)")
     p.add_argument("--data-root", type=Path, default=Path(DATA_ROOT), help="(default %(default)s)")
     p.add_argument("--download", action="store_true", help="download KITTI into --data-root first")
-    p.add_argument("--split-dir", type=Path, help="folder with train.txt/val.txt (default: 160/40 split by --seed)")
+    p.add_argument("--split-dir", type=Path, help="folder with train.txt/val.txt (default: KITTI's fixed 80/20 "
+                   "split, Cityscapes' official split)")
     p.add_argument("--out", type=Path, default=OUT_DIR, help="run folder (default runs/<arch>-<time>)")
     p.add_argument("--resume", type=Path, help="continue a run from its last.pt (config comes from the checkpoint)")
-    p.add_argument("--init-from", type=Path, help="start from a coarser model's checkpoint (FCN32s -> FCN16s)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    p.add_argument("--init-from", type=Path, help="start from a checkpoint's weights: the same architecture "
+                   "(fine-tuning, e.g. Cityscapes -> KITTI) or a coarser one (FCN32s -> FCN16s)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto; on --resume the run's)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=PRETRAINED,
                    help="random trunk instead of ImageNet weights")
     p.add_argument("--backbone-weights", help="ResNet18 ImageNet state_dict file, for machines without internet")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=AMP, help="float32 on CUDA")
-    p.add_argument("--no-cache", dest="cache", action="store_false", default=CACHE, help="decode PNGs every epoch")
+    p.add_argument("--cache-gb", type=float, default=CACHE_GB, help="memory budget of the decoded-image cache "
+                   "(default: half the available memory)")
+    p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0.0, help="decode PNGs every epoch")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across DDP processes")
     p.add_argument("--demo", nargs="?", const="", metavar="DIR",
                    help="write a synthetic KITTI tree (to DIR or a temp folder) and run a short CPU-friendly training")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with ``explicit``: the names of those given on the command line (for --resume's contract)."""
+    args = build_parser().parse_args(argv)
+    detector = build_parser()
+    for action in detector._actions:  # no defaults: the namespace then holds only what argv named
+        action.default = argparse.SUPPRESS
+    args.explicit = sorted(vars(detector.parse_args(argv)))
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Refuse meaningless values up front, each with one line naming the flag and the fix."""
+    checks = (("--epochs", args.epochs, args.epochs >= 1, "at least 1"),
+              ("--batch-size", args.batch_size, args.batch_size >= 1, "at least 1"),
+              ("--lr", args.lr, args.lr > 0, "a positive learning rate, e.g. 0.01"),
+              ("--momentum", args.momentum, 0 <= args.momentum < 1, "in [0, 1), e.g. 0.9"),
+              ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "0 or more, e.g. 1e-4"),
+              ("--warmup-epochs", args.warmup_epochs, args.warmup_epochs >= 0, "0 or more, e.g. 1"),
+              ("--poly-power", args.poly_power, args.poly_power >= 0, "0 or more, e.g. 0.9"),
+              ("--log-every", args.log_every, args.log_every >= 1, "at least 1"),
+              ("--cache-gb", args.cache_gb, args.cache_gb is None or args.cache_gb >= 0, "0 (off) or more"),
+              ("--crop-size", args.crop_size, args.crop_size is None or (len(args.crop_size) <= 2 and
+                                                                   min(args.crop_size) >= 32), "H or H W, each at least 32"),
+              ("--base-size", args.base_size, args.base_size is None or args.base_size >= 32, "at least 32"),
+              ("--workers", args.workers, args.workers == "auto" or (args.workers.isdigit()), "auto or 0 or more"))
+    for flag, value, ok, expected in checks:
+        if not ok:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            raise UserError(f"{flag} {shown} is not valid: use {expected}")
+    if args.resume and args.init_from:
+        raise UserError("--resume and --init-from exclude each other: --resume continues a run, --init-from starts one")
+
+
+def worker_count(value: str, world_size: int) -> int:
+    """'auto' -> one fewer than this process's share of the CPU cores (the rest run the training step), 1..8."""
+    if value != "auto":
+        return int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(8, cores // world_size - 1))
 
 
 def prepare_run_dir(args: argparse.Namespace) -> Path:
     out = args.out or Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"run folder {out} already exists and is not empty; pass a new --out, "
                         f"or --resume {out / 'last.pt'} to continue it")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def make_loaders(args: argparse.Namespace, ctx: distributed.Context, run_dir: Path):
-    """Training loader (seeded sampler, augmentation) and validation loader (full images, no padding)."""
-    if args.split_dir is None and ctx.is_main:
-        write_split(default_split(list_labelled(args.data_root)), run_dir)
-    label_set = get_label_set(args.label_set)
-    train_set = KittiSemantics(args.data_root, resolve_split(args.data_root, "train", args.split_dir), label_set,
-                               train_augmentation(args.crop_size), cache=args.cache)
-    val_set = KittiSemantics(args.data_root, resolve_split(args.data_root, "val", args.split_dir), label_set,
-                             cache=args.cache)
-    if len(train_set) < args.batch_size * ctx.world_size:
-        raise UserError(f"{args.data_root}: {len(train_set)} training images are fewer than one batch "
-                        f"({args.batch_size} x {ctx.world_size} processes); lower --batch-size")
-    sampler = SeededTrainSampler(len(train_set), args.seed, ctx.rank, ctx.world_size)
-    common = dict(num_workers=args.workers, pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0)
-    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **common)
-    val_loader = DataLoader(val_set, 1, sampler=ShardSampler(len(val_set), ctx.rank, ctx.world_size), **common)
-    return train_loader, val_loader, sampler
 
 
 def warmup_poly(step: int, warmup: int, total: int, power: float) -> float:
@@ -115,10 +153,23 @@ def warmup_poly(step: int, warmup: int, total: int, power: float) -> float:
     return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** power
 
 
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on convolution weights only: not on BatchNorm's scale and shift, biases, or the learned x2
+    upsampling (decay would pull its bilinear initialisation towards zero), as current practice does."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            plain_conv = type(module) in (torch.nn.Conv2d,) and name == "weight"
+            (decay if plain_conv else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def make_optimization(model: torch.nn.Module, args: argparse.Namespace, steps_per_epoch: int):
     """SGD with momentum, and one LambdaLR stepped every iteration: its whole state is the step count, so a
     resume restores the schedule exactly on any torch version (SequentialLR's restore has varied)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
     total = args.epochs * steps_per_epoch
     warmup = min(max(1, round(args.warmup_epochs * steps_per_epoch)), total - 1)
 
@@ -127,34 +178,53 @@ def make_optimization(model: torch.nn.Module, args: argparse.Namespace, steps_pe
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
+def initialise_from(model: torch.nn.Module, args: argparse.Namespace, num_classes: int) -> str:
+    """Load --init-from's weights: all of them from the same architecture (fine-tuning), or the shared ones from
+    a coarser FCN (staged training: the new skip layers start at zero). Returns a line for the log."""
+    state = load_checkpoint(args.init_from)
+    if state["num_classes"] != num_classes:
+        raise UserError(f"{args.init_from}: has {state['num_classes']} classes, this run {args.label_set!r} needs "
+                        f"{num_classes}; pass a matching --label-set")
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if unexpected:
+        raise UserError(f"{args.init_from}: a {state['arch']} cannot initialise a coarser {args.arch}")
+    if missing:
+        return f"initialised from {args.init_from} ({state['arch']}); new layers: {sorted({k.split('.')[0] for k in missing})}"
+    return f"initialised from {args.init_from}: all weights of its {state['arch']} (fine-tuning)"
+
+
 def make_model(args: argparse.Namespace, ctx: distributed.Context) -> torch.nn.Module:
-    model = build_model(args.arch, get_label_set(args.label_set).num_classes, args.pretrained and not args.resume,
-                        args.backbone_weights)
-    if args.init_from and not args.resume:  # a resumed run's checkpoint already holds these weights
-        state = load_checkpoint(args.init_from)
-        if state["num_classes"] != get_label_set(args.label_set).num_classes:
-            raise UserError(f"{args.init_from}: has {state['num_classes']} classes, this run {args.label_set!r} needs "
-                            f"{get_label_set(args.label_set).num_classes}; pass a matching --label-set")
-        missing, unexpected = model.load_state_dict(state["model"], strict=False)
-        if unexpected:
-            raise UserError(f"{args.init_from}: a {state['arch']} cannot initialise a coarser {args.arch}")
+    num_classes = get_label_set(args.label_set).num_classes
+    fresh = not args.resume
+    model = build_model(args.arch, num_classes, args.pretrained and fresh and not args.init_from, args.backbone_weights
+                        if fresh and not args.init_from else None)
+    if args.init_from and fresh:  # a resumed run's checkpoint already holds these weights
+        message = initialise_from(model, args, num_classes)
         if ctx.is_main:
-            print(f"initialised from {args.init_from} ({state['arch']}); new layers: {sorted({k.split('.')[0] for k in missing})}")
+            print(message)
     model.to(ctx.device, memory_format=torch.channels_last)
     if args.sync_bn and ctx.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
 
-def write_history(history: list[dict], run_dir: Path) -> None:
-    """metrics.csv and curves.png, rewritten from the checkpoint's history (so a resume never duplicates rows)."""
-    tmp = run_dir / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, HISTORY_FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
-    tmp.replace(run_dir / "metrics.csv")
-    plot_curves(history, run_dir / "curves.png")
+class HistoryWriter:
+    """metrics.csv every epoch, curves.png at most every CURVES_EVERY_SECONDS and at the end; both rewritten from
+    the checkpoint's history, so a resume never duplicates rows."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.last_plot = run_dir, 0.0
+
+    def write(self, history: list[dict], final: bool = False) -> None:
+        tmp = self.run_dir / ".metrics.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, HISTORY_FIELDS)
+            writer.writeheader()
+            writer.writerows(history)
+        tmp.replace(self.run_dir / "metrics.csv")
+        if history and (final or time.monotonic() - self.last_plot > CURVES_EVERY_SECONDS):
+            plot_curves(history, self.run_dir / "curves.png")
+            self.last_plot = time.monotonic()
 
 
 def epoch_line(row: dict, epochs: int, is_best: bool) -> str:
@@ -167,20 +237,24 @@ def epoch_line(row: dict, epochs: int, is_best: bool) -> str:
 
 
 def config_of(args: argparse.Namespace) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "explicit"}
 
 
 def args_from_checkpoint(state: dict, cli: argparse.Namespace) -> argparse.Namespace:
-    """The resumed run's config; only the device and the worker count may change."""
-    args = argparse.Namespace(**state["config"])
-    for key in ("data_root", "split_dir", "out", "init_from", "resume"):
+    """The resumed run's config. Only where it runs may change (device, workers, data folder); any flag that
+    would change the run itself is refused rather than silently ignored."""
+    changed = sorted(set(cli.explicit) - RESUMABLE_FLAGS)
+    if changed:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
+        raise UserError(f"--resume continues {cli.resume} exactly as it was configured, so {flags} cannot change; "
+                        f"to train on with other settings start a new run with --init-from {cli.resume}")
+    args = argparse.Namespace(**{**vars(build_parser().parse_args([])), **state["config"]})
+    for key in ("data_root", "split_dir", "out", "init_from"):
         setattr(args, key, Path(getattr(args, key)) if getattr(args, key) else None)
-    args.device, args.workers, args.resume = cli.device, cli.workers, cli.resume
+    for key in RESUMABLE_FLAGS & set(cli.explicit):
+        setattr(args, key, getattr(cli, key))
+    args.resume, args.explicit = cli.resume, cli.explicit
     return args
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
@@ -193,7 +267,11 @@ def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
 def restore(state: dict, path: Path, model, optimizer, scheduler, scaler) -> tuple[list, float, int, EpochProgress]:
     """Load a checkpoint's training state; returns (history, best mIoU, epochs done, progress in the next epoch)."""
     load_model_weights(model, state, path)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as error:
+        raise UserError(f"{path}: its optimizer state does not fit this version's parameter groups ({error}); "
+                        f"start a new run from its weights with --init-from {path}") from None
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
@@ -202,85 +280,129 @@ def restore(state: dict, path: Path, model, optimizer, scheduler, scaler) -> tup
 
 def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float, report: dict, val_seconds: float,
                  device: torch.device) -> dict:
-    """One row of metrics.csv."""
+    """One row of metrics.csv; val_mIoU is the 19-class benchmark mIoU in every label set."""
     return {"epoch": epoch, "lr": lr, "train_loss": progress.loss_sum / max(progress.step, 1), "val_loss": val_loss,
-            "val_mIoU": report["mIoU"], "pixel_acc": report["pixel_acc"], "seconds": progress.seconds,
+            "val_mIoU": report["benchmark_mIoU"], "pixel_acc": report["pixel_acc"], "seconds": progress.seconds,
             "data_wait": progress.data_wait / max(progress.seconds, 1e-9), "val_seconds": val_seconds,
             "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0}
 
 
+def load_resume_state(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
+    """The run's config and state when --resume is given, checked before anything starts."""
+    if not args.resume:
+        args.device = args.device or "auto"
+        return args, None
+    state = load_checkpoint(args.resume)
+    require_training_state(state, args.resume)
+    args = args_from_checkpoint(state, args)
+    if state["epoch"] >= args.epochs:
+        raise UserError(f"{args.resume}: the run already finished its {args.epochs} epochs; evaluate it with "
+                        f"python test.py --checkpoint {args.resume.parent / 'best.pt'}, or train on with a new run: "
+                        f"--init-from {args.resume} --epochs N")
+    return args, state
+
+
+def shared_run_dir(args: argparse.Namespace, ctx: distributed.Context, resuming: bool) -> Path:
+    """The run folder, made by rank 0 and passed to every rank (an error on rank 0 stops them all)."""
+    if resuming:
+        return args.resume.parent
+    outcome = None
+    if ctx.is_main:
+        try:
+            outcome = prepare_run_dir(args)
+        except UserError as error:
+            outcome = error
+    outcome = distributed.broadcast_object(outcome)
+    if isinstance(outcome, UserError):
+        raise outcome
+    return outcome
 def train(args: argparse.Namespace) -> Path:
     """The whole job: data, model, epochs of training and validation, checkpoints. Returns the run folder."""
+    validate_args(args)
+    args, state = load_resume_state(args)
     ctx = distributed.setup(args.device)
-    state = load_checkpoint(args.resume) if args.resume else None
-    if state is not None:
-        args = args_from_checkpoint(state, args)
+    if state is not None and state.get("world_size", 1) != ctx.world_size:
+        raise UserError(f"{args.resume}: the run trained with {state.get('world_size', 1)} process(es), this resume "
+                        f"has {ctx.world_size}; steps per epoch and the schedule depend on it, so resume with "
+                        f"torchrun --nproc_per_node={state.get('world_size', 1)} (or start a new run with --init-from)")
     torch.manual_seed(args.seed)
-    if args.download and ctx.is_main:
+    if args.download and ctx.is_main and state is None:
         from kitti_download import download_kitti
         download_kitti(args.data_root)
-    run_dir = args.resume.parent if state else (prepare_run_dir(args) if ctx.is_main else args.out)
+    run_dir = shared_run_dir(args, ctx, resuming=state is not None)
     amp_dtype = amp_dtype_for(ctx.device, args.amp)
     torch.backends.cudnn.benchmark = ctx.device.type == "cuda"
-    train_loader, val_loader, sampler = make_loaders(args, ctx, run_dir)
+    data = make_loaders(args, ctx, run_dir, worker_count(args.workers, ctx.world_size), state)
     model = make_model(args, ctx)
-    optimizer, scheduler = make_optimization(model, args, len(train_loader))
+    optimizer, scheduler = make_optimization(model, args, len(data.train_loader))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
     history, best_miou, start_epoch, progress = [], -1.0, 0, EpochProgress()
     if state is not None:
         history, best_miou, start_epoch, progress = restore(state, args.resume, model, optimizer, scheduler, scaler)
+    net = model
     if ctx.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    else:
-        net = model
     label_set = get_label_set(args.label_set)
+    class_weights = None if data.class_weights is None else data.class_weights.to(ctx.device)
     if ctx.is_main:
         total, trainable = count_parameters(model)
         print(f"{args.arch}: {total / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable), {label_set.num_classes} "
-              f"classes, {len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, device {ctx.device}"
+              f"classes, {data.summary}, device {ctx.device}"
               f"{f' x {ctx.world_size}' if ctx.world_size > 1 else ''}, run folder {run_dir}")
 
     def snapshot(epoch: int) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "progress": vars(progress), "best_miou": best_miou,
                 "arch": args.arch, "num_classes": label_set.num_classes, "label_set": args.label_set,
-                "config": config_of(args), "history": history, "rng_cpu": torch.get_rng_state()}
+                "world_size": ctx.world_size, "class_weights": data.class_weights, "config": config_of(args),
+                "history": history, "rng_cpu": torch.get_rng_state()}
 
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # cluster pre-emption: save like Ctrl-C
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch, skip=progress.step * args.batch_size)
-        try:
-            train_one_epoch(net, train_loader, optimizer, scheduler, scaler, ctx.device, amp_dtype, progress,
-                            f"epoch {epoch + 1}/{args.epochs}", args.log_every, ctx.is_main)
-            val_start = time.perf_counter()
-            confusion, val_loss = evaluate(model, val_loader, label_set.num_classes, ctx.device, amp_dtype,
-                                           show=ctx.is_main)
-        except KeyboardInterrupt:  # mid-epoch state is exact: --resume skips the samples already trained on
+    def save_and_exit(epoch: int, where: str) -> None:
+        if ctx.is_main:
+            save_checkpoint(snapshot(epoch), run_dir / "last.pt")
+            history_writer.write(history, final=True)
+            print(f"\ninterrupted: saved {run_dir / 'last.pt'} {where}; continue with: python main.py --resume "
+                  f"{run_dir / 'last.pt'}", flush=True)
+        distributed.cleanup()
+        raise SystemExit(130)
+
+    history_writer = HistoryWriter(run_dir)
+    with StopRequest(ctx.device, ctx.world_size) as stop:
+        for epoch in range(start_epoch, args.epochs):
+            data.sampler.set_epoch(epoch, skip=progress.step * args.batch_size)
+            try:
+                finished = train_one_epoch(net, data.train_loader, optimizer, scheduler, scaler, ctx.device, amp_dtype,
+                                           progress, f"epoch {epoch + 1}/{args.epochs}", args.log_every, ctx.is_main,
+                                           stop, class_weights)
+                if not finished:
+                    save_and_exit(epoch, f"at epoch {epoch + 1} step {progress.step}")
+                val_start = time.perf_counter()
+                confusion, val_loss = evaluate(model, data.val_loader, label_set.num_classes, ctx.device, amp_dtype,
+                                               show=ctx.is_main)
+            except NonFiniteLoss as error:
+                raise UserError(f"{error} in epoch {epoch + 1}; {run_dir / 'last.pt'} keeps the last good epoch; "
+                                "lower --lr, or try --no-amp") from None
+            except KeyboardInterrupt:
+                raise UserError(f"aborted by a second interrupt; {run_dir / 'last.pt'} holds the last saved "
+                                "state") from None
             if ctx.is_main:
-                save_checkpoint(snapshot(epoch), run_dir / "last.pt")
-                print(f"\ninterrupted: saved {run_dir / 'last.pt'} at epoch {epoch + 1} step {progress.step}; "
-                      f"continue with: python main.py --resume {run_dir / 'last.pt'}")
-            raise SystemExit(130) from None
-        except NonFiniteLoss as error:
-            raise UserError(f"{error} in epoch {epoch + 1}; {run_dir / 'last.pt'} keeps the last good epoch; "
-                            "lower --lr, or try --no-amp") from None
-        if not ctx.is_main:
+                report = evaluation_report(confusion.matrix, label_set)
+                history.append(epoch_record(epoch + 1, optimizer.param_groups[0]["lr"], progress, val_loss, report,
+                                            time.perf_counter() - val_start, ctx.device))
+                is_best = report["benchmark_mIoU"] > best_miou
+                best_miou = max(best_miou, report["benchmark_mIoU"])
+                progress = EpochProgress()
+                save_checkpoint(snapshot(epoch + 1), run_dir / "last.pt")
+                if is_best:
+                    publish_copy(run_dir / "last.pt", run_dir / "best.pt")
+                history_writer.write(history, final=epoch + 1 == args.epochs)
+                print(epoch_line(history[-1], args.epochs, is_best), flush=True)
             progress = EpochProgress()
-            continue
-        report = evaluation_report(confusion.matrix, label_set)
-        history.append(epoch_record(epoch + 1, optimizer.param_groups[0]["lr"], progress, val_loss, report,
-                                    time.perf_counter() - val_start, ctx.device))
-        progress = EpochProgress()
-        is_best = report["mIoU"] > best_miou
-        best_miou = max(best_miou, report["mIoU"])
-        save_checkpoint(snapshot(epoch + 1), run_dir / "last.pt")
-        if is_best:
-            save_checkpoint(snapshot(epoch + 1), run_dir / "best.pt")
-        write_history(history, run_dir)
-        print(epoch_line(history[-1], args.epochs, is_best), flush=True)
+            if stop.agreed() and epoch + 1 < args.epochs:
+                save_and_exit(epoch + 1, f"after epoch {epoch + 1}")
     if ctx.is_main:
-        print(f"done: best val mIoU {100 * best_miou:.2f}%; checkpoints, metrics.csv and curves.png in {run_dir}\n"
-              f"evaluate with: python test.py --checkpoint {run_dir / 'best.pt'} --data-root {args.data_root}")
+        print(f"done: best val mIoU {100 * best_miou:.2f}% (19-class benchmark); checkpoints, metrics.csv and "
+              f"curves.png in {run_dir}\nevaluate with: python test.py --checkpoint {run_dir / 'best.pt'}")
     distributed.cleanup()
     return run_dir
 
@@ -296,8 +418,8 @@ def demo_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.pretrained and not args.backbone_weights and not cached.is_file():
         print(f"demo: no ImageNet weights in {cached.parent}; training from random initialisation")
         args.pretrained = False
-    args.data_root, args.epochs, args.batch_size, args.crop_size, args.warmup_epochs = root, 12, 4, 256, 0.5
-    args.lr, args.workers = 0.02, 1
+    args.data_root, args.epochs, args.batch_size, args.crop_size, args.warmup_epochs = root, 12, 4, [256], 0.5
+    args.lr, args.workers, args.device = 0.02, "1", args.device or "auto"
     return args
 
 
@@ -314,8 +436,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"predictions and overlays in {run_dir / 'test_val'}")
     except UserError as error:
         sys.exit(f"error: {error}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted before training started; nothing was saved")
+    except KeyboardInterrupt:  # before the training loop installs its handler, or a second Ctrl-C
+        sys.exit("interrupted; the run folder, if any, keeps its last saved checkpoint")
 
 
 if __name__ == "__main__":

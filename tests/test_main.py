@@ -74,40 +74,59 @@ def test_existing_run_folder_is_never_overwritten(synthetic_root, trained_run):
     assert (trained_run / "last.pt").stat().st_mtime_ns == before
 
 
-class InterruptAfter:
-    """Wraps a loader and raises KeyboardInterrupt after ``steps`` batches, as Ctrl-C between steps would."""
-
-    def __init__(self, loader, steps):
-        self.loader, self.steps = loader, steps
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for step, batch in enumerate(self.loader):
-            if step == self.steps:
-                raise KeyboardInterrupt
-            yield batch
+def history_without_timings(run_dir: Path) -> list[dict]:
+    rows = torch.load(run_dir / "last.pt", weights_only=True)["history"]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "data_wait", "val_seconds")} for row in rows]
 
 
-def test_ctrl_c_mid_epoch_saves_and_resume_ends_with_the_same_weights(synthetic_root, trained_run, tmp_path,
-                                                                     monkeypatch):
-    real = engine.train_one_epoch
-    calls = []
+def assert_same_history(resumed: list[dict], straight: list[dict]) -> None:
+    """Same epochs and validation; train_loss to rounding (the interrupt splits one log window's float sum)."""
+    assert [r["epoch"] for r in resumed] == [r["epoch"] for r in straight]
+    for a, b in zip(resumed, straight):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)
+        assert {k: v for k, v in a.items() if k != "train_loss"} == {k: v for k, v in b.items() if k != "train_loss"}
 
-    def interrupted_in_second_epoch(model, loader, *args, **kwargs):
+
+def test_ctrl_c_inside_an_optimizer_step_mid_log_window_resumes_to_the_same_weights_and_history(
+        synthetic_root, trained_run, tmp_path, monkeypatch):
+    real_step, calls = torch.optim.SGD.step, []
+
+    def step_interrupted_on_its_seventh_call(self, *args, **kwargs):
         calls.append(1)
-        return real(model, InterruptAfter(loader, 2) if len(calls) == 2 else loader, *args, **kwargs)
-    monkeypatch.setattr(main, "train_one_epoch", interrupted_in_second_epoch)
+        if len(calls) == 7:  # epoch 2, step 3 of 4: inside a log window of 2 steps
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.SGD, "step", step_interrupted_on_its_seventh_call)
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
         main.train(main.parse_args(train_argv(synthetic_root, run, "--arch", "fcn16")))
     assert stop.value.code == 130
     saved = torch.load(run / "last.pt", weights_only=True)
-    assert saved["epoch"] == 1 and saved["progress"]["step"] == 2
-    monkeypatch.setattr(main, "train_one_epoch", real)
+    assert saved["epoch"] == 1 and saved["progress"]["step"] == 3  # the interrupted step finished and counts
+    monkeypatch.setattr(torch.optim.SGD, "step", real_step)
     main.train(main.parse_args(["--resume", str(run / "last.pt"), "--workers", "0"]))
     assert_same_weights(final_weights(run), final_weights(trained_run))
+    assert_same_history(history_without_timings(run), history_without_timings(trained_run))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored after the run
+
+
+def test_ctrl_c_during_validation_saves_the_finished_epoch_and_resumes_exactly(synthetic_root, trained_run, tmp_path,
+                                                                              monkeypatch):
+    real_evaluate = main.evaluate
+
+    def evaluate_interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+    monkeypatch.setattr(main, "evaluate", evaluate_interrupted)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main.train(main.parse_args(train_argv(synthetic_root, run, "--arch", "fcn16")))
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["progress"]["step"] == 0 and len(saved["history"]) == 1
+    monkeypatch.setattr(main, "evaluate", real_evaluate)
+    main.train(main.parse_args(["--resume", str(run / "last.pt")]))
+    assert_same_weights(final_weights(run), final_weights(trained_run))
+    assert_same_history(history_without_timings(run), history_without_timings(trained_run))
 
 
 @pytest.mark.slow

@@ -1,0 +1,91 @@
+"""The data side of a training run: which images (the split, kept in the run folder), the two loaders, and
+the class weights of the loss. main.py calls ``make_loaders`` once; what differs between datasets lives in
+data_preprocessing.py's layouts and ``DATASET_DEFAULTS``."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+import distributed
+from class_weights import class_pixel_counts, class_weights
+from data_preprocessing import (DATASET_DEFAULTS, SegmentationDataset, default_split_for, labelled_names,
+                                train_augmentation, write_split)
+from errors import UserError
+from labels import get_label_set
+from samplers import SeededTrainSampler, ShardSampler
+
+
+@dataclass
+class RunData:
+    train_loader: DataLoader
+    val_loader: DataLoader
+    sampler: SeededTrainSampler
+    class_weights: torch.Tensor | None
+    summary: str
+
+
+def run_split(args: argparse.Namespace, ctx: distributed.Context, run_dir: Path, resuming: bool) -> dict[str, list[str]]:
+    """The train/val names. A new run takes --split-dir's files or the dataset's default split and writes them
+    into the run folder; a resumed run reads them back from there, so a data folder that gained or lost files
+    cannot change it."""
+    split_dir = run_dir if resuming else args.split_dir
+    if split_dir is None:
+        split = default_split_for(args.dataset, args.data_root)
+    else:
+        split = {name: labelled_names(args.dataset, args.data_root, name, split_dir) for name in ("train", "val")}
+    if ctx.is_main and not resuming:
+        write_split(split, run_dir)
+    return split
+
+
+def crop_and_base_size(args: argparse.Namespace) -> tuple[tuple[int, int], int]:
+    """--crop-size (H, or H W) and --base-size, or the dataset's defaults."""
+    defaults = DATASET_DEFAULTS[args.dataset]
+    crop = (args.crop_size[0], args.crop_size[-1]) if args.crop_size else tuple(defaults["crop_size"])
+    return crop, args.base_size or defaults["base_size"]
+
+
+def loss_weights(train_set: SegmentationDataset, method: str, state: dict | None) -> torch.Tensor | None:
+    """The cross-entropy's class weights: computed once from the training labels, then kept in the checkpoint."""
+    if method == "none":
+        return None
+    if state is not None and state.get("class_weights") is not None:
+        return state["class_weights"]
+    return class_weights(class_pixel_counts(train_set), method)
+
+
+def describe_cache(dataset: SegmentationDataset, name: str) -> str:
+    if dataset.decoded_gb is None:
+        return f"{name} decoded in workers (cache off)"
+    where = "cached in memory" if dataset.cached else "decoded in workers"
+    return f"{name} {where} ({dataset.decoded_gb:.2f} GB decoded, budget {dataset.cache_budget_gb:.1f} GB)"
+
+
+def make_loaders(args: argparse.Namespace, ctx: distributed.Context, run_dir: Path, workers: int,
+                 state: dict | None = None) -> RunData:
+    """Training loader (seeded sampler, augmentation) and validation loader (full images, no padding)."""
+    split = run_split(args, ctx, run_dir, resuming=state is not None)
+    label_set = get_label_set(args.label_set)
+    crop, base = crop_and_base_size(args)
+    cache = True if args.cache_gb is None else args.cache_gb
+    train_set = SegmentationDataset(args.dataset, args.data_root, split["train"], label_set,
+                                    train_augmentation(crop, base), cache=cache)
+    val_set = SegmentationDataset(args.dataset, args.data_root, split["val"], label_set, cache=cache)
+    if len(train_set) < args.batch_size * ctx.world_size:
+        raise UserError(f"{args.data_root}: {len(train_set)} training images are fewer than one batch "
+                        f"({args.batch_size} x {ctx.world_size} processes); lower --batch-size")
+    weights = loss_weights(train_set, args.class_weights, state)
+    sampler = SeededTrainSampler(len(train_set), args.seed, ctx.rank, ctx.world_size)
+    common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
+    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **common)
+    val_loader = DataLoader(val_set, 1, sampler=ShardSampler(len(val_set), ctx.rank, ctx.world_size), **common)
+    summary = (f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, crop {crop[0]}x{crop[1]}, "
+               f"{workers} loader workers; {describe_cache(train_set, 'train')}, {describe_cache(val_set, 'val')}")
+    if weights is not None:
+        summary += f"\nclass weights ({args.class_weights}): " + " ".join(
+            f"{name} {w:.2f}" for name, w in zip(label_set.class_names, weights.tolist()))
+    return RunData(train_loader, val_loader, sampler, weights, summary)
