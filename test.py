@@ -2,7 +2,8 @@
 
     python test.py --checkpoint runs/x/best.pt                     # the run's validation split
     python test.py --checkpoint runs/x/best.pt --split test        # KITTI benchmark submission PNGs
-    python test.py --checkpoint runs/x/best.pt --images my_photos/  # any folder of images
+    python test.py --checkpoint runs/x/best.pt --images my_photos/  # any folder of PNG/JPEG images
+    python test.py --checkpoint runs/x/best.pt --images drive.mp4   # a video: an overlay video and frames/s
 
 Files written to --out (default: a folder beside the checkpoint): metrics.json, metrics.csv, confusion.png,
 pred_labelIds/ (Cityscapes label ids at each image's size: the official evaluation and KITTI's submission
@@ -24,10 +25,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from checkpoint import load_checkpoint, load_model_weights
-from data_preprocessing import ImageFolder, KittiSemantics, resolve_split
+from data_preprocessing import ImageList, SegmentationDataset, labelled_names, list_test_images
 from distributed import pick_device
 from engine import ProgressLine, evaluate, predict
 from errors import UserError
+from image_sources import VideoFrames, VideoWriter, is_video, list_images
 from labels import LabelSet, colorize, get_label_set
 from metrics import evaluation_report
 from model import build_model
@@ -37,10 +39,10 @@ from plots import plot_confusion
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="best.pt or last.pt written by main.py")
-    p.add_argument("--data-root", type=Path, help="KITTI folder (default: the one the run trained on)")
+    p.add_argument("--data-root", type=Path, help="dataset folder (default: the one the run trained on)")
     p.add_argument("--split", default="val", choices=("val", "train", "trainval", "test"), help="(default %(default)s)")
     p.add_argument("--split-dir", type=Path, help="folder with train.txt/val.txt (default: the run's own)")
-    p.add_argument("--images", type=Path, help="predict every PNG in this folder instead of a KITTI split")
+    p.add_argument("--images", type=Path, help="predict a folder of PNG/JPEG images, or a video, instead of a split")
     p.add_argument("--out", type=Path, help="output folder (default: beside the checkpoint)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
     p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
@@ -49,6 +51,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-all", action="store_true", help="save pred_color/ and overlay/ for every image")
     p.add_argument("--workers", type=int, default=2)
     return p.parse_args(argv)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Refuse meaningless values up front, each with one line naming the flag and the fix."""
+    if args.workers < 0:
+        raise UserError(f"--workers {args.workers} is not valid: use 0 or more")
+    if args.num_visuals < 0:
+        raise UserError(f"--num-visuals {args.num_visuals} is not valid: use 0 or more")
+    if any(scale <= 0 for scale in args.scales):
+        raise UserError(f"--scales {' '.join(map(str, args.scales))} is not valid: use positive factors, e.g. 0.75 1 1.25")
 
 
 def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict, LabelSet]:
@@ -72,6 +84,9 @@ class PredictionWriter:
 
     def __call__(self, index: int, name: str, classes: np.ndarray, image: torch.Tensor,
                  truth: np.ndarray | None = None) -> None:
+        """Files are named by the image name's last part: a Cityscapes name 'city/city_seq_frame' gives
+        'city_seq_frame.png', the pattern by which the official script finds predictions."""
+        name = Path(name).name
         cv2.imwrite(str(self.out / "pred_labelIds" / f"{name}.png"), self.label_set.class_to_id[classes])
         if index >= self.num_visuals:
             return
@@ -110,12 +125,21 @@ def write_report(report: dict, out: Path, extra: dict) -> None:
             writer.writerow([row[0], *(("" if math.isnan(v) else f"{v:.6f}") for v in row[1:3]), row[3]])
 
 
+def run_split_names(args, state: dict, dataset: str, root: Path) -> list[str]:
+    """The split's names: --split-dir's, else the run folder's own train.txt/val.txt, else the dataset default."""
+    split_dir = args.split_dir
+    if split_dir is None and (args.checkpoint.parent / f"{args.split}.txt").is_file():
+        split_dir = args.checkpoint.parent
+    if split_dir is None and state["config"].get("split_dir"):
+        split_dir = Path(state["config"]["split_dir"])
+    return labelled_names(dataset, root, args.split, split_dir)
+
+
 def evaluate_split(args, model, state, label_set, device, writer) -> dict:
+    dataset_name = state["config"].get("dataset", "kitti")
     root = args.data_root or Path(state["config"]["data_root"])
-    split_dir = args.split_dir or (Path(state["config"]["split_dir"]) if state["config"].get("split_dir")
-                                   else args.checkpoint.parent)
-    names = resolve_split(root, args.split, split_dir if (split_dir / f"{args.split}.txt").is_file() else None)
-    dataset = KittiSemantics(root, names, label_set)
+    names = run_split_names(args, state, dataset_name, root)
+    dataset = SegmentationDataset(dataset_name, root, names, label_set)
     loader = DataLoader(dataset, 1, num_workers=args.workers, pin_memory=device.type == "cuda")
 
     def save(index: int, prediction: torch.Tensor) -> None:
@@ -129,16 +153,17 @@ def evaluate_split(args, model, state, label_set, device, writer) -> dict:
     seconds = time.perf_counter() - start
     report = evaluation_report(confusion.matrix, label_set)
     print(format_table(report))
-    extra = {"num_images": len(dataset), "checkpoint": str(args.checkpoint), "split": args.split,
-             "label_set": label_set.name, "arch": state["arch"], "loss": loss, "images_per_second": len(dataset) / seconds}
+    extra = {"num_images": len(dataset), "checkpoint": str(args.checkpoint), "dataset": dataset_name,
+             "split": args.split, "label_set": label_set.name, "arch": state["arch"], "loss": loss,
+             "images_per_second": len(dataset) / seconds}
     write_report(report, args.out, extra)
     plot_confusion(confusion.matrix, label_set.class_names, args.out / "confusion.png")
     return extra
 
 
 @torch.no_grad()
-def predict_folder(args, model, folder: Path, device, writer) -> dict:
-    dataset = ImageFolder(folder)
+def predict_images(args, model, dataset: ImageList, device, writer) -> dict:
+    """Label-id PNGs (and pictures) for unlabelled images: a test split or a folder."""
     loader = DataLoader(dataset, 1, num_workers=args.workers)
     line, start = ProgressLine(len(dataset), "predict"), time.perf_counter()
     for index, image in enumerate(loader):
@@ -149,19 +174,49 @@ def predict_folder(args, model, folder: Path, device, writer) -> dict:
     return {"num_images": len(dataset), "images_per_second": len(dataset) / (time.perf_counter() - start)}
 
 
+@torch.no_grad()
+def predict_video(args, model, label_set: LabelSet, device) -> dict:
+    """An overlay video (the frame blended with its colour-coded prediction) beside the input's frame rate."""
+    frames = VideoFrames(args.images)
+    args.out.mkdir(parents=True, exist_ok=True)
+    video = VideoWriter(args.out / f"{args.images.stem}_overlay.mp4", frames.fps)
+    count, start = 0, time.perf_counter()
+    try:
+        for frame in frames:
+            prediction = predict(model, frame[None], device, flip=args.flip, scales=tuple(args.scales)).argmax(1)
+            color = colorize(prediction[0].to(torch.uint8).cpu().numpy(), label_set)
+            video.write(((frame.permute(1, 2, 0).numpy().astype(np.uint16) + color) // 2).astype(np.uint8))
+            count += 1
+    finally:
+        video.close()
+    return {"num_images": count, "images_per_second": count / (time.perf_counter() - start),
+            "video": str(video.path)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate a labelled split, or predict a test split, a folder or a video; returns a summary."""
+    validate_args(args)
+    device = pick_device(args.device)
+    model, state, label_set = load_model(args.checkpoint, device)
+    dataset_name = state["config"].get("dataset", "kitti")
+    args.out = args.out or args.checkpoint.parent / f"test_{args.images.stem if args.images else args.split}"
+    if args.images is not None and is_video(args.images):
+        return predict_video(args, model, label_set, device)
+    writer = PredictionWriter(args.out, label_set, sys.maxsize if args.save_all else args.num_visuals)
+    if args.images is not None:
+        return predict_images(args, model, ImageList(list_images(args.images)), device, writer)
+    if args.split == "test":
+        root = args.data_root or Path(state["config"]["data_root"])
+        return predict_images(args, model, ImageList(list_test_images(dataset_name, root)), device, writer)
+    return evaluate_split(args, model, state, label_set, device, writer)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        device = pick_device(args.device)
-        model, state, label_set = load_model(args.checkpoint, device)
-        args.out = args.out or args.checkpoint.parent / f"test_{args.images.name if args.images else args.split}"
-        writer = PredictionWriter(args.out, label_set, sys.maxsize if args.save_all else args.num_visuals)
-        if args.images or args.split == "test":
-            folder = args.images or (args.data_root or Path(state["config"]["data_root"])) / "testing" / "image_2"
-            result = predict_folder(args, model, folder, device, writer)
-        else:
-            result = evaluate_split(args, model, state, label_set, device, writer)
-        print(f"{result['num_images']} images at {result['images_per_second']:.1f} img/s; outputs in {args.out}")
+        result = run(args)
+        unit = "frames" if "video" in result else "images"
+        print(f"{result['num_images']} {unit} at {result['images_per_second']:.1f} {unit}/s; outputs in {args.out}")
     except UserError as error:
         sys.exit(f"error: {error}")
 

@@ -1,0 +1,80 @@
+"""Mistaken inputs, tried as a new user would: each ends in one line `error: ...` naming the value or file
+and the fix, a non-zero exit, and nothing written that looks like a result."""
+import shutil
+
+import pytest
+import torch
+
+import main
+import test as evaluation
+from conftest import train_argv
+
+
+def one_line_error(entry_point, argv) -> str:
+    with pytest.raises(SystemExit) as stop:
+        entry_point(argv)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("flag,value,expected", [("--lr", "-1", "--lr -1.0 is not valid"),
+                                                 ("--epochs", "0", "--epochs 0 is not valid: use at least 1"),
+                                                 ("--batch-size", "0", "--batch-size 0 is not valid"),
+                                                 ("--crop-size", "0", "--crop-size 0 is not valid"),
+                                                 ("--workers", "-1", "--workers -1 is not valid: use auto or 0")])
+def test_meaningless_training_values_are_refused_before_anything_is_written(synthetic_root, tmp_path, flag, value,
+                                                                            expected):
+    argv = train_argv(synthetic_root, tmp_path / "run", flag, value)
+    assert expected in one_line_error(main.main, argv)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_a_flag_that_would_change_the_run_names_the_flag(trained_run, tmp_path):
+    before = (trained_run / "last.pt").read_bytes()
+    message = one_line_error(main.main, ["--resume", str(trained_run / "last.pt"), "--epochs", "99", "--lr", "0.1"])
+    assert "--epochs, --lr cannot change" in message and "--init-from" in message
+    assert (trained_run / "last.pt").read_bytes() == before
+
+
+def test_resume_of_a_finished_run_says_so_and_how_to_train_on(trained_run):
+    message = one_line_error(main.main, ["--resume", str(trained_run / "last.pt"), "--device", "cpu"])
+    assert "already finished its 2 epochs" in message and "--init-from" in message
+
+
+def test_resume_from_weights_without_training_state_is_refused(trained_run, tmp_path):
+    state = torch.load(trained_run / "last.pt", weights_only=True)
+    torch.save({k: state[k] for k in ("model", "arch", "num_classes", "label_set")}, tmp_path / "weights.pt")
+    assert "no training state" in one_line_error(main.main, ["--resume", str(tmp_path / "weights.pt")])
+
+
+def test_resume_with_another_process_count_is_refused(trained_run, tmp_path):
+    shutil.copytree(trained_run, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    state["epoch"], state["world_size"] = 1, 2
+    torch.save(state, tmp_path / "run" / "last.pt")
+    assert "--nproc_per_node=2" in one_line_error(main.main, ["--resume", str(tmp_path / "run" / "last.pt"),
+                                                              "--device", "cpu"])
+
+
+def test_a_text_file_given_as_checkpoint_is_called_what_it_is(tmp_path):
+    (tmp_path / "notes.pt").write_text("hello, this is not a checkpoint\n")
+    message = one_line_error(evaluation.main, ["--checkpoint", str(tmp_path / "notes.pt")])
+    assert "not a PyTorch checkpoint file" in message
+
+
+def test_an_unreadable_image_read_inside_a_loader_worker_is_still_one_line(trained_run, synthetic_root, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(synthetic_root / "testing" / "image_2", folder)
+    data = (folder / "000001_10.png").read_bytes()
+    (folder / "000001_10.png").write_bytes(data[: len(data) // 3])  # truncated
+    message = one_line_error(evaluation.main, ["--checkpoint", str(trained_run / "last.pt"), "--images", str(folder),
+                                               "--device", "cpu", "--workers", "1", "--out", str(tmp_path / "out")])
+    assert "000001_10.png: cannot be read as an image" in message
+
+
+def test_a_file_that_is_not_a_video_is_named(trained_run, tmp_path):
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 1000)
+    message = one_line_error(evaluation.main, ["--checkpoint", str(trained_run / "last.pt"), "--images",
+                                               str(tmp_path / "clip.mp4"), "--device", "cpu"])
+    assert "clip.mp4: cannot be decoded as a video" in message
