@@ -1,4 +1,6 @@
-"""DDP: validation over 2 gloo processes on the CPU must equal one process, image for image."""
+"""DDP on the CPU (gloo): sharded validation equals one process; torchrun training shards and syncs correctly."""
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -57,14 +59,75 @@ def test_two_process_validation_equals_one_process_on_an_odd_split(synthetic_roo
     assert np.load(tmp_path / "loss.npy") == pytest.approx(single_loss, rel=1e-9)
 
 
-@pytest.mark.slow
-def test_torchrun_trains_with_two_processes(synthetic_root, tmp_path):
+@pytest.fixture(scope="module")
+def torchrun_probe(synthetic_root, tmp_path_factory):
+    """main.py's training under torchrun, 2 gloo processes, on an 8-image training split (even: no padding).
+
+    tests/ddp_probe.py records what each rank's training sampler yielded and each rank's final weights.
+    """
+    tmp = tmp_path_factory.mktemp("torchrun")
+    names = sorted(p.stem for p in (synthetic_root / "training" / "semantic").glob("*.png"))
+    assert len(names) == 10
+    (tmp / "split").mkdir()
+    (tmp / "split" / "train.txt").write_text("\n".join(names[:8]) + "\n")
+    (tmp / "split" / "val.txt").write_text("\n".join(names[8:]) + "\n")
+    (tmp / "probe").mkdir()
+    env = {**os.environ, "DDP_PROBE_OUT": str(tmp / "probe"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port", str(free_port()), str(ROOT / "main.py"), "--no-pretrained",
-                             "--device", "cpu", "--epochs", "1", "--batch-size", "2", "--crop-size", "64",
-                             "--workers", "0", "--data-root", str(synthetic_root), "--out", str(tmp_path / "ddp")],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
-    assert state["epoch"] == 1 and not any(k.startswith("module.") for k in state["model"])
-    assert "x 2" in result.stdout
+                             "--master_port", str(free_port()), str(ROOT / "tests" / "ddp_probe.py"), "--no-pretrained",
+                             "--device", "cpu", "--epochs", "2", "--batch-size", "2", "--crop-size", "64",
+                             "--workers", "0", "--data-root", str(synthetic_root), "--split-dir", str(tmp / "split"),
+                             "--out", str(tmp / "run")], capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
+    assert result.returncode == 0, result.stderr[:3000]
+    assert "x 2" in result.stdout  # main saw a world of two processes
+    ranks = [json.loads((tmp / "probe" / f"rank{r}.json").read_text())["epochs"] for r in range(2)]
+    states = [torch.load(tmp / "probe" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return {"yielded": ranks, "states": states, "run": tmp / "run", "num_train": 8, "val": names[8:],
+            "root": synthetic_root}
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_train_on_disjoint_shards_that_cover_every_epoch(torchrun_probe):
+    yielded, num_train = torchrun_probe["yielded"], torchrun_probe["num_train"]
+    for rank in yielded:
+        assert sorted(rank) == ["0", "1"]  # both epochs, each started with set_epoch
+    for epoch in ("0", "1"):
+        shards = [[index for index, _ in rank[epoch]] for rank in yielded]
+        assert [len(shard) for shard in shards] == [num_train // 2] * 2
+        assert not set(shards[0]) & set(shards[1])
+        assert sorted(shards[0] + shards[1]) == list(range(num_train))
+    assert [i for i, _ in yielded[0]["0"]] != [i for i, _ in yielded[0]["1"]]  # reshuffled each epoch
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_end_with_identical_parameters_that_rank0_checkpoints(torchrun_probe):
+    states = torchrun_probe["states"]
+    checkpoint = torch.load(torchrun_probe["run"] / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and set(checkpoint["model"]) == set(states[0]) == set(states[1])
+    parameters = [name for name, _ in build_model("fcn16", 19, pretrained=False).named_parameters()]
+    assert len(parameters) > 50
+    for name in parameters:
+        assert torch.equal(states[0][name], states[1][name]), name
+        assert torch.equal(checkpoint["model"][name], states[0][name]), name
+    initial = build_model("fcn16", 19, pretrained=False).state_dict()
+    assert any(not torch.equal(initial[name], states[0][name]) for name in parameters)  # it did train
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="main.py: after the last training step each rank keeps BatchNorm running "
+                   "statistics from its own last batch, so DDP validation scores a different model on every rank")
+def test_torchrun_validation_scores_on_every_rank_the_model_rank0_checkpoints(torchrun_probe):
+    states = torchrun_probe["states"]
+    checkpoint = torch.load(torchrun_probe["run"] / "last.pt", weights_only=True)
+    differing = [name for name in states[0] if not torch.equal(states[0][name], states[1][name])]
+    assert differing == []
+    net = build_model("fcn16", 19, pretrained=False)
+    net.load_state_dict(checkpoint["model"])
+    loader = DataLoader(KittiSemantics(torchrun_probe["root"], torchrun_probe["val"]), 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, loss = evaluate(net, loader, 19, torch.device("cpu"), show=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert checkpoint["history"][-1]["val_loss"] == pytest.approx(loss, rel=1e-6)

@@ -107,3 +107,63 @@ def test_fcn_paper_figures_from_a_known_matrix():
     iou = [8 / 11, 9 / 12]
     assert report["mIoU"] == pytest.approx(np.mean(iou))
     assert report["fwIoU"] == pytest.approx(0.5 * iou[0] + 0.5 * iou[1])
+
+
+def skewed_pairs(rng, label_set):
+    """Label-id maps with very unequal class frequencies and some ignored (255) ground truth, and predictions
+    among the ids ``label_set`` can predict that are right more often for common classes; 'train' and 'bus'
+    are absent from the ground truth as above."""
+    gt_ids = np.array([i for i in labels.VALID_IDS if i not in (ABSENT_EVERYWHERE, PREDICTED_ONLY)] + [255])
+    frequency = 0.8 ** np.arange(len(gt_ids))  # the most common class over 1000x the rarest
+    hit_rate = np.linspace(0.9, 0.3, len(gt_ids))  # and predicted more often right than the rare ones
+    prediction_ids = label_set.class_to_id[label_set.class_to_id != ABSENT_EVERYWHERE]
+    pairs = []
+    for h, w in SIZES:
+        k = rng.choice(len(gt_ids), size=(h, w), p=frequency / frequency.sum())
+        gt = gt_ids[k].astype(np.uint8)
+        prediction = np.where(np.isin(gt, prediction_ids) & (rng.random((h, w)) < hit_rate[k]), gt,
+                              rng.choice(prediction_ids, size=(h, w))).astype(np.uint8)
+        pairs.append((gt, prediction))
+    return pairs
+
+
+def numpy_figures(pairs, class_ids: np.ndarray) -> dict[str, float]:
+    """The FCN paper's figures counted straight from pixels: ground truth outside ``class_ids`` is ignored."""
+    gt = np.concatenate([g.ravel() for g, _ in pairs])
+    prediction = np.concatenate([p.ravel() for _, p in pairs])
+    scored = np.isin(gt, class_ids)
+    gt, prediction = gt[scored], prediction[scored]
+    accuracies, ious, weights = [], [], []
+    for c in class_ids:
+        in_gt, predicted = gt == c, prediction == c
+        if in_gt.any():
+            accuracies.append((in_gt & predicted).sum() / in_gt.sum())
+        if (in_gt | predicted).any():
+            ious.append((in_gt & predicted).sum() / (in_gt | predicted).sum())
+            weights.append(in_gt.sum() / len(gt))
+    return {"pixel_acc": float((gt == prediction).mean()), "mean_acc": float(np.mean(accuracies)),
+            "mIoU": float(np.mean(ious)), "fwIoU": float(np.dot(weights, ious))}
+
+
+@pytest.mark.parametrize("label_set_name", ["train", "full"])
+def test_pixel_and_mean_accuracy_miou_and_fwiou_equal_a_direct_count_over_pixels(label_set_name):
+    label_set = labels.get_label_set(label_set_name)
+    pairs = skewed_pairs(np.random.default_rng(2), label_set)
+    expected = numpy_figures(pairs, label_set.class_to_id)
+    ours = run_ours(pairs, label_set)
+    assert abs(expected["fwIoU"] - expected["mIoU"]) > 0.05  # unequal frequencies: fwIoU is not the mIoU
+    assert abs(expected["pixel_acc"] - expected["mean_acc"]) > 0.05
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+
+
+def test_pixel_accuracy_matches_the_official_confusion_matrix(tmp_path):
+    """cityscapesscripts 2.3.0's evalPixelAccuracy cannot serve: its 'nbNotIgnoredPixels' counts the ignored
+    pixels (np.in1d(..., invert=True)) and its 'nbCorrectPixels' the wrong ones among them. The confusion matrix
+    it returns (label ids, rows ground truth) gives the pixel accuracy over the 19 scored classes instead."""
+    label_set = labels.get_label_set("train")
+    pairs = make_pairs(np.random.default_rng(3), label_set.class_to_id)
+    official_matrix = np.array(run_official(pairs, tmp_path)["confMatrix"], dtype=np.int64)
+    scored = [label.id for label in labels.TRAIN_LABELS]
+    theirs = official_matrix[scored, scored].sum() / official_matrix[scored].sum()
+    assert run_ours(pairs, label_set)["pixel_acc"] == pytest.approx(theirs, rel=1e-12)

@@ -8,13 +8,29 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import labels
 import test as evaluation
 from checkpoint import load_checkpoint
+from data_preprocessing import normalize
+from engine import predict
 from errors import UserError
+from model import build_model
+
+if not hasattr(np, "in1d"):  # cityscapesscripts 2.3.0 still calls np.in1d, removed in NumPy 2.4
+    np.in1d = np.isin
+from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def official_scores(predictions: list[Path], truths: list[Path]) -> dict:
+    """cityscapesscripts' evaluateImgLists on pairs of label-id PNGs (it pairs the lists by position; file names
+    only matter for the instance-level score, which is switched off)."""
+    args = official.args
+    args.evalInstLevelScore, args.evalPixelAccuracy, args.quiet, args.JSONOutput = False, False, True, False
+    return official.evaluateImgLists([str(p) for p in predictions], [str(p) for p in truths], args)
 
 
 def test_val_evaluation_writes_the_metrics_contract_and_label_id_predictions(trained_run, tmp_path):
@@ -25,8 +41,6 @@ def test_val_evaluation_writes_the_metrics_contract_and_label_id_predictions(tra
     for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "class_iou", "category_iou", "num_images", "checkpoint",
                 "split"):
         assert key in metrics
-    state = torch.load(trained_run / "best.pt", weights_only=True)
-    assert metrics["mIoU"] == pytest.approx(state["best_miou"])  # same metric code as training's validation
     assert metrics["class_iou"]["train"] is None  # absent from the synthetic scenes: n/a, not 0
     val_names = (trained_run / "val.txt").read_text().split()
     assert metrics["num_images"] == len(val_names) and metrics["split"] == "val"
@@ -38,10 +52,109 @@ def test_val_evaluation_writes_the_metrics_contract_and_label_id_predictions(tra
     assert (out / "metrics.csv").read_text().splitlines()[0] == "class,iou,acc,pixels"
 
 
-def test_flip_tta_runs_and_reports(trained_run, tmp_path):
+def test_val_miou_equals_the_official_evaluation_of_the_written_predictions(trained_run, synthetic_root, tmp_path):
     evaluation.main(["--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path), "--device", "cpu",
-                     "--workers", "0", "--flip", "--scales", "0.75", "1"])
-    assert json.loads((tmp_path / "metrics.json").read_text())["mIoU"] >= 0
+                     "--workers", "0", "--num-visuals", "0"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    val_names = (trained_run / "val.txt").read_text().split()
+    theirs = official_scores([tmp_path / "pred_labelIds" / f"{n}.png" for n in val_names],
+                             [synthetic_root / "training" / "semantic" / f"{n}.png" for n in val_names])
+    assert 0 < theirs["averageScoreClasses"] < 1
+    assert metrics["mIoU"] == pytest.approx(theirs["averageScoreClasses"], abs=1e-6)
+    assert metrics["benchmark_mIoU"] == pytest.approx(theirs["averageScoreClasses"], abs=1e-6)
+    for label in labels.TRAIN_LABELS:
+        if np.isnan(theirs["classScores"][label.name]):
+            assert metrics["class_iou"][label.name] is None, label.name
+        else:
+            assert metrics["class_iou"][label.name] == pytest.approx(theirs["classScores"][label.name], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained_model(trained_run):
+    """The model in trained_run's best.pt, on the CPU in eval mode, channels_last as test.py holds it (the same
+    float path, so argmax ties break the same way)."""
+    state = torch.load(trained_run / "best.pt", weights_only=True)
+    model = build_model(state["arch"], state["num_classes"], pretrained=False)
+    model.load_state_dict(state["model"])
+    return model.to(memory_format=torch.channels_last).eval()
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    """A randomly initialised fcn16 in eval mode: its filters are not mirror-symmetric, and its logits span a
+    few units, so float32 softmaxes stay well conditioned (a briefly trained model's can reach 1e-40)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build_model("fcn16", 19, pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def scenes(synthetic_root) -> torch.Tensor:
+    """(2, 3, 64, 96) uint8 RGB crops of two synthetic scenes; 64 and 96 are multiples of 4, so x0.75 is exact."""
+    crops = [cv2.imread(str(synthetic_root / "training" / "image_2" / f"{name}.png"))[16:80, 100:196, ::-1]
+             for name in ("000000_10", "000001_10")]
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+
+
+def softmax_at(model, x: torch.Tensor, scale: float, flipped: bool) -> torch.Tensor:
+    """The softmax of ``model`` on normalised ``x`` resized by ``scale`` and maybe mirrored, mapped back onto x."""
+    h, w = x.shape[-2:]
+    inp = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
+    logits = model(inp.flip(-1) if flipped else inp)
+    logits = logits.flip(-1) if flipped else logits
+    return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(1)
+
+
+@torch.no_grad()
+def test_flip_tta_is_the_log_of_the_mean_softmax_of_the_image_and_its_mirror(random_model, scenes):
+    x = normalize(scenes)
+    expected = ((random_model(x).softmax(1) + random_model(x.flip(-1)).flip(-1).softmax(1)) / 2).log()
+    ours = predict(random_model, scenes, torch.device("cpu"), flip=True)
+    without = predict(random_model, scenes, torch.device("cpu"))
+    assert ours.shape == (2, 19, 64, 96)
+    assert (expected.exp() - without.exp()).abs().max() > 0.02  # the mirror changes the answer
+    torch.testing.assert_close(ours.exp(), expected.exp(), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_multiscale_flip_tta_averages_the_softmax_of_every_scale_and_mirror(random_model, scenes):
+    x = normalize(scenes)
+    variants = [softmax_at(random_model, x, s, f) for s in (0.75, 1.0) for f in (False, True)]
+    expected = (sum(variants) / 4).log()
+    ours = predict(random_model, scenes, torch.device("cpu"), flip=True, scales=(0.75, 1.0))
+    flip_only = predict(random_model, scenes, torch.device("cpu"), flip=True)
+    assert (expected.exp() - flip_only.exp()).abs().max() > 0.02  # the 0.75 scale changes the answer
+    torch.testing.assert_close(ours.exp(), expected.exp(), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_flip_tta_output_on_a_mirror_symmetric_image_is_itself_mirror_symmetric(random_model, scenes):
+    """For x equal to its mirror, TTA gives (p(x) + flip(p(x))) / 2, which flipping leaves unchanged; the
+    model alone is not mirror-equivariant, so without TTA the output is not symmetric."""
+    symmetric = torch.cat([scenes[..., :48], scenes[..., :48].flip(-1)], dim=-1)
+    assert torch.equal(symmetric, symmetric.flip(-1))
+    with_tta = predict(random_model, symmetric, torch.device("cpu"), flip=True)
+    without = predict(random_model, symmetric, torch.device("cpu"))
+    assert (without.exp() - without.flip(-1).exp()).abs().max() > 0.02
+    torch.testing.assert_close(with_tta.exp(), with_tta.flip(-1).exp(), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_flip_and_scales_flags_put_the_tta_prediction_in_the_written_pngs(trained_run, trained_model, synthetic_root,
+                                                                          tmp_path):
+    evaluation.main(["--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path), "--device", "cpu",
+                     "--workers", "0", "--num-visuals", "0", "--flip", "--scales", "0.75", "1"])
+    class_to_id = labels.get_label_set("train").class_to_id
+    differs_from_plain = 0
+    for name in (trained_run / "val.txt").read_text().split():
+        rgb = cv2.imread(str(synthetic_root / "training" / "image_2" / f"{name}.png"))[..., ::-1]
+        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None]
+        tta = predict(trained_model, image, torch.device("cpu"), flip=True, scales=(0.75, 1.0)).argmax(1)[0]
+        plain = predict(trained_model, image, torch.device("cpu")).argmax(1)[0]
+        written = cv2.imread(str(tmp_path / "pred_labelIds" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        assert (written == class_to_id[tta.numpy()]).all(), name
+        differs_from_plain += int((tta != plain).sum())
+    assert differs_from_plain > 0  # TTA changes some pixels, so the flags' effect is visible
 
 
 def test_test_split_writes_submission_pngs_for_every_test_image(trained_run, synthetic_root, tmp_path):
