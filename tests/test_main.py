@@ -1,4 +1,5 @@
 import csv
+import shutil
 import os
 import signal
 import subprocess
@@ -110,8 +111,8 @@ def test_ctrl_c_inside_an_optimizer_step_mid_log_window_resumes_to_the_same_weig
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored after the run
 
 
-def test_ctrl_c_during_validation_saves_the_finished_epoch_and_resumes_exactly(synthetic_root, trained_run, tmp_path,
-                                                                              monkeypatch):
+def test_ctrl_c_during_validation_saves_the_finished_epoch_and_resumes_exactly_on_the_runs_own_split(
+        writable_tree, trained_run, tmp_path, monkeypatch):
     real_evaluate = main.evaluate
 
     def evaluate_interrupted(*args, **kwargs):
@@ -120,10 +121,12 @@ def test_ctrl_c_during_validation_saves_the_finished_epoch_and_resumes_exactly(s
     monkeypatch.setattr(main, "evaluate", evaluate_interrupted)
     run = tmp_path / "run"
     with pytest.raises(SystemExit):
-        main.train(main.parse_args(train_argv(synthetic_root, run, "--arch", "fcn16")))
+        main.train(main.parse_args(train_argv(writable_tree, run, "--arch", "fcn16")))
     saved = torch.load(run / "last.pt", weights_only=True)
     assert saved["epoch"] == 1 and saved["progress"]["step"] == 0 and len(saved["history"]) == 1
     monkeypatch.setattr(main, "evaluate", real_evaluate)
+    for folder in ("image_2", "semantic"):  # the data folder gains an image: the default split would change
+        shutil.copy(writable_tree / "training" / folder / "000000_10.png", writable_tree / "training" / folder / "new.png")
     main.train(main.parse_args(["--resume", str(run / "last.pt")]))
     assert_same_weights(final_weights(run), final_weights(trained_run))
     assert_same_history(history_without_timings(run), history_without_timings(trained_run))
@@ -184,7 +187,9 @@ def test_full_label_set_trains_34_classes_and_reports_the_19_class_benchmark(syn
     evaluation.main(["--checkpoint", str(tmp_path / "full" / "last.pt"), "--device", "cpu", "--workers", "0"])
     metrics = json.loads((tmp_path / "full" / "test_val" / "metrics.json").read_text())
     assert len(metrics["class_iou"]) == 34 and metrics["label_set"] == "full"
-    assert metrics["benchmark_mIoU"] is not None
+    state = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    assert metrics["mIoU"] != metrics["benchmark_mIoU"]  # 34 classes with voids vs the 19 benchmark classes
+    assert state["best_miou"] == pytest.approx(metrics["benchmark_mIoU"])  # best.pt is chosen on the benchmark
 
 
 def test_training_split_smaller_than_one_batch_is_reported(synthetic_root, tmp_path):
@@ -205,3 +210,56 @@ def test_learning_rate_warms_up_linearly_then_decays_polynomially_to_zero():
     assert main.warmup_poly(10, warmup=10, total=110, power=0.9) == pytest.approx(1.0)
     assert main.warmup_poly(60, warmup=10, total=110, power=0.9) == pytest.approx(0.5 ** 0.9)
     assert main.warmup_poly(110, warmup=10, total=110, power=0.9) == 0.0
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_file_and_no_temporary_file(tmp_path, monkeypatch):
+    from checkpoint import save_checkpoint
+    save_checkpoint({"a": torch.zeros(2)}, tmp_path / "last.pt")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        save_checkpoint({"a": torch.ones(2)}, tmp_path / "last.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert torch.equal(torch.load(tmp_path / "last.pt")["a"], torch.zeros(2))
+
+
+def test_best_is_published_without_a_second_write_and_survives_the_next_last(tmp_path):
+    from checkpoint import publish_copy, save_checkpoint
+    save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+    publish_copy(tmp_path / "last.pt", tmp_path / "best.pt")
+    assert (tmp_path / "best.pt").stat().st_ino == (tmp_path / "last.pt").stat().st_ino  # a link, not a copy
+    save_checkpoint({"epoch": 2}, tmp_path / "last.pt")
+    assert torch.load(tmp_path / "best.pt")["epoch"] == 1 and torch.load(tmp_path / "last.pt")["epoch"] == 2
+
+
+def run_dir_on_two_ranks(rank: int, port: int, cwd: Path, out, results: Path) -> None:
+    import torch.distributed as dist
+    os.chdir(cwd)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    args = main.parse_args(["--arch", "fcn32"] + (["--out", str(out)] if out else []))
+    try:
+        outcome = str(main.shared_run_dir(args, main.distributed.Context(rank, 2, torch.device("cpu")), False))
+    except UserError as error:
+        outcome = f"UserError: {error}"
+    (results / f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_every_ddp_rank_gets_rank_0s_run_folder_or_its_error(tmp_path, existing):
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+    out = None
+    if existing:
+        out = tmp_path / "taken"
+        out.mkdir()
+        (out / "last.pt").write_bytes(b"")
+    mp.spawn(run_dir_on_two_ranks, args=(free_port(), tmp_path, out, tmp_path), nprocs=2)
+    rank0, rank1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
+    assert rank0 == rank1
+    if existing:
+        assert rank0.startswith("UserError: run folder") and "already exists" in rank0
+    else:
+        assert rank0.startswith("runs/fcn32-") and (tmp_path / rank0).is_dir()
