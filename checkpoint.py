@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import zipfile
 from pathlib import Path
 
 import torch
@@ -68,8 +67,8 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the best.pt or last.pt of a run directory")
     with open(path, "rb") as f:
-        head = f.read(2)
-    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # torch.save writes a zip (or a legacy pickle)
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save writes a zip (or, before 1.6, a pickle)
         raise UserError(f"{path}: not a PyTorch checkpoint file; pass the best.pt or last.pt of a run directory")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

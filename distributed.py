@@ -49,6 +49,15 @@ def broadcast_object(value: object) -> object:
     return holder[0]
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP copies them at the start of each
+    training forward, so after the last step each rank holds its own; validation and the checkpoint must
+    all use rank 0's model."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -376,6 +376,7 @@ def train(args: argparse.Namespace) -> Path:
                                            stop, class_weights)
                 if not finished:
                     save_and_exit(epoch, f"at epoch {epoch + 1} step {progress.step}")
+                distributed.broadcast_buffers(model)
                 val_start = time.perf_counter()
                 confusion, val_loss = evaluate(model, data.val_loader, label_set.num_classes, ctx.device, amp_dtype,
                                                show=ctx.is_main)

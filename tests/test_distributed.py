@@ -114,8 +114,6 @@ def test_torchrun_ranks_end_with_identical_parameters_that_rank0_checkpoints(tor
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="main.py: after the last training step each rank keeps BatchNorm running "
-                   "statistics from its own last batch, so DDP validation scores a different model on every rank")
 def test_torchrun_validation_scores_on_every_rank_the_model_rank0_checkpoints(torchrun_probe):
     states = torchrun_probe["states"]
     checkpoint = torch.load(torchrun_probe["run"] / "last.pt", weights_only=True)
