@@ -1,11 +1,17 @@
 """Speed and memory as ratios measured in one process: FCN heads vs the bare ResNet18 trunk, vs torchvision's
-fcn_resnet50, and the training data pipeline vs the training step.
+fcn_resnet50, the exported ONNX file in onnxruntime vs eager PyTorch, and the data pipeline vs the training step.
 
     python bench.py                       # CPU
     python bench.py --device cuda --json bench.json
 
-Each timing is the median of --steps runs after --warmup runs. Ratios are what to compare across machines
-and commits; absolute numbers depend on the machine and its load.
+Ratios are what to compare across machines and commits; absolute numbers depend on the machine and its load. A
+machine's speed drifts by more than the effects measured here (other processes, clock changes), so the cases that
+a ratio compares are timed interleaved: one step of each per round, the order reversed every round (trunk, FCN,
+FCN, trunk, ...), so that a slow spell hits both alike. A ratio is the median over the --steps rounds of the
+per-round ratios; ``<ratio>_spread`` is half the interquartile range of those per-round ratios (half the rounds
+fall within median +- spread), a measure of the noise of one round, not a confidence interval of the median.
+Each case's ms/step is the median of its own steps, after --warmup steps. The ONNX case needs onnxruntime
+(requirements-dev.txt) and always runs on the CPU, against eager PyTorch on the CPU.
 """
 from __future__ import annotations
 
@@ -17,43 +23,37 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
+import onnxruntime
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.models.segmentation import fcn_resnet50
 
-from data_preprocessing import KittiSemantics, list_labelled, train_augmentation
-from main import BATCH_SIZE, CROP_SIZE, WORKERS
+from data_preprocessing import DATASET_DEFAULTS, KittiSemantics, list_labelled, train_augmentation
+from export import LabelIdNet, export_program, save_onnx
+from labels import get_label_set
+from main import BATCH_SIZE, WORKERS, worker_count
 from model import ARCHS, ResNet18Trunk, build_model
 from samplers import SeededTrainSampler
 from synthetic_kitti import write_synthetic_kitti
 
 FULL = (375, 1242)
+RATIOS = ("fcn16_train_over_trunk", "fcn16_infer_over_trunk", "fcn16_over_fcn_resnet50",
+          "onnxruntime_over_eager_cpu_infer", "bf16_speedup_fcn16_train")
 
 
 def log(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def median_seconds(step, device: torch.device, steps: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device, baseline: int = 0) -> float:
+    """CUDA: the peak allocated since the last reset, less ``baseline`` bytes (memory held by other cases).
+    CPU: the whole process's peak resident size so far (Linux reports KiB)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process peak so far
+        return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Case:
@@ -83,14 +83,62 @@ class Case:
             self.optimizer.step()
 
 
-def time_case(name, net, args, device, amp, train, size, batch, trunk_only=False) -> dict:
-    log(f"{name} {'train' if train else 'infer'} {batch}x{size[0]}x{size[1]}{' bf16' if amp else ''}")
+def seconds(step: Callable[[], None], device: torch.device) -> float:
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    case = Case(net, batch, size, device, amp, train, trunk_only)
-    seconds = median_seconds(case, device, args.steps, args.warmup)
-    return {"name": name, "mode": "train" if train else "infer", "batch": batch, "size": list(size),
-            "bf16": amp, "ms": 1000 * seconds, "img_per_s": batch / seconds, "peak_mb": peak_memory_mb(device)}
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved_seconds(steps: dict[str, Callable[[], None]], device: torch.device, rounds: int) -> dict[str, list[float]]:
+    """Per case, ``rounds`` timings taken one step of each case per round, the order reversed every round."""
+    order, times = list(steps), {name: [] for name in steps}
+    for i in range(rounds):
+        for name in order if i % 2 == 0 else reversed(order):
+            times[name].append(seconds(steps[name], device))
+    return times
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> tuple[float, float]:
+    """Median of the per-round ratios numerator/denominator, and half their interquartile range."""
+    ratios = [a / b for a, b in zip(numerator, denominator)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), (q3 - q1) / 2
+
+
+def build_cases(specs: list[tuple], device: torch.device, warmup: int) -> tuple[dict[str, Case], list[dict]]:
+    """Build each case of ``specs`` and warm it up alone, which is also when its peak memory is measured.
+
+    A spec is (name, mode, net factory, batch, size, bf16, trunk_only); keys are "name mode batchxHxW [bf16]".
+    """
+    cases, rows = {}, []
+    for name, mode, make_net, batch, size, amp, trunk_only in specs:
+        key = f"{name} {mode} {batch}x{size[0]}x{size[1]}{' bf16' if amp else ''}"
+        log(key)
+        baseline = 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            baseline = torch.cuda.memory_allocated(device)
+        cases[key] = Case(make_net(), batch, size, device, amp, mode == "train", trunk_only)
+        for _ in range(warmup):
+            cases[key]()
+        rows.append({"key": key, "name": name, "mode": mode, "batch": batch, "size": list(size), "bf16": amp,
+                     "peak_mb": peak_memory_mb(device, baseline)})
+    return cases, rows
+
+
+def time_group(specs: list[tuple], device: torch.device, args) -> tuple[list[dict], dict[str, list[float]]]:
+    """Warm up every case of ``specs``, then time them interleaved; rows for the table and the raw times."""
+    cases, rows = build_cases(specs, device, args.warmup)
+    log(f"timing {len(cases)} cases interleaved, {args.steps} rounds")
+    times = interleaved_seconds(cases, device, args.steps)
+    for row in rows:
+        ms = 1000 * statistics.median(times[row["key"]])
+        row.update(ms=ms, img_per_s=1000 * row["batch"] / ms)
+    return rows, times
 
 
 def loader_images_per_second(args) -> float:
@@ -102,7 +150,7 @@ def loader_images_per_second(args) -> float:
     root = Path(tempfile.mkdtemp(prefix="bench-kitti-"))
     write_synthetic_kitti(root, num_train=32, seed=0)
     names = list_labelled(root) * 8
-    dataset = KittiSemantics(root, names, transform=train_augmentation(args.crop_size), cache=True)
+    dataset = KittiSemantics(root, names, transform=train_augmentation(tuple(args.crop_size)), cache=True)
     sampler = SeededTrainSampler(len(dataset), seed=0)
     loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
                         persistent_workers=args.workers > 0)
@@ -131,52 +179,92 @@ def largest_batch(arch: str, device, amp: bool, size=FULL, limit: int = 256) -> 
     return fits
 
 
+def onnx_times(args, size: tuple[int, int] = FULL) -> dict[str, list[float]]:
+    """export.py's deployed computation (uint8 image -> label ids) for a random fcn16, on the CPU: eager as test.py
+    runs it (channels_last) and the exported ONNX file in onnxruntime with as many threads, timed interleaved."""
+    log(f"onnxruntime vs eager, CPU, 1x{size[0]}x{size[1]}")
+    label_set = get_label_set("train")
+    net = LabelIdNet(build_model("fcn16", label_set.num_classes, pretrained=False), label_set, with_logits=False)
+    path = Path(tempfile.mkdtemp(prefix="bench-onnx-")) / "fcn16.onnx"
+    save_onnx(export_program(net), path, with_logits=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    image = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8)
+    net = net.to(memory_format=torch.channels_last).eval()
+
+    def eager() -> None:
+        with torch.inference_mode():
+            net(image)
+    steps = {"eager cpu": eager, "onnxruntime cpu": lambda: session.run(None, {"image": image.numpy()})}
+    for step in list(steps.values()) * args.warmup:
+        step()
+    return interleaved_seconds(steps, torch.device("cpu"), args.steps)
+
+
+def group_specs(args, device: torch.device, mode: str) -> list[tuple]:
+    """The cases timed together in one mode: trunk and every FCN (train: also fcn_resnet50), every precision."""
+    crop, train = tuple(args.crop_size), mode == "train"
+    size, batch = (crop, args.batch_size) if train else (FULL, 1)
+    specs = []
+    for amp in ([False, True] if device.type == "cuda" else [False]):
+        specs.append(("trunk", mode, ResNet18Trunk, batch, size, amp, True))
+        specs += [(arch, mode, lambda a=arch: build_model(a, 19, pretrained=False), batch, size, amp, False)
+                  for arch in args.arch]
+        if train:
+            specs.append(("fcn_resnet50", mode, lambda: fcn_resnet50(weights=None, weights_backbone=None,
+                                                                    num_classes=19, aux_loss=False),
+                          batch, size, amp, False))
+    return specs
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
-    crop = (args.crop_size, args.crop_size)
-    precisions = [False, True] if device.type == "cuda" else [False]
-    rows = []
-    for amp in precisions:
-        rows.append(time_case("trunk", ResNet18Trunk(), args, device, amp, True, crop, args.batch_size, trunk_only=True))
-        rows.append(time_case("trunk", ResNet18Trunk(), args, device, amp, False, FULL, 1, trunk_only=True))
-        for arch in args.arch:
-            rows.append(time_case(arch, build_model(arch, 19, pretrained=False), args, device, amp, True, crop,
-                                  args.batch_size))
-            rows.append(time_case(arch, build_model(arch, 19, pretrained=False), args, device, amp, False, FULL, 1))
-        fcn50 = fcn_resnet50(weights=None, weights_backbone=None, num_classes=19, aux_loss=False)
-        rows.append(time_case("fcn_resnet50", fcn50, args, device, amp, True, crop, args.batch_size))
-        if device.type == "cuda":
-            rows.append(time_case("fcn16", build_model("fcn16", 19, pretrained=False), args, device, amp, True, FULL, 8))
-    loader_rate = loader_images_per_second(args)
-
-    def ms(name, mode, amp=precisions[-1], size=None):
-        return next(r["ms"] for r in rows if r["name"] == name and r["mode"] == mode and r["bf16"] == amp
-                    and (size is None or tuple(r["size"]) == size))
-    fcn16_step_rate = args.batch_size / ms("fcn16", "train", size=crop) * 1000
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "batch_size": args.batch_size, "crop_size": args.crop_size, "workers": args.workers,
-        "fcn16_train_over_trunk": ms("fcn16", "train", size=crop) / ms("trunk", "train"),
-        "fcn16_infer_over_trunk": ms("fcn16", "infer") / ms("trunk", "infer"),
-        "loader_over_step": loader_rate / fcn16_step_rate,
-        "fcn16_over_fcn_resnet50": ms("fcn_resnet50", "train") / ms("fcn16", "train", size=crop),
-        "loader_img_per_s": loader_rate, "rows": rows,
+    amp = device.type == "cuda"  # the ratios are taken in the precision main.py trains in
+    suffix, crop = " bf16" if amp else "", f"{args.batch_size}x{args.crop_size[0]}x{args.crop_size[1]}"
+    rows, times = [], onnx_times(args)
+    for mode in ("train", "infer"):
+        group_rows, group_times = time_group(group_specs(args, device, mode), device, args)
+        rows, times = rows + group_rows, {**times, **group_times}
+    pairs = {
+        "fcn16_train_over_trunk": (f"fcn16 train {crop}{suffix}", f"trunk train {crop}{suffix}"),
+        "fcn16_infer_over_trunk": (f"fcn16 infer 1x375x1242{suffix}", f"trunk infer 1x375x1242{suffix}"),
+        "fcn16_over_fcn_resnet50": (f"fcn_resnet50 train {crop}{suffix}", f"fcn16 train {crop}{suffix}"),
+        "onnxruntime_over_eager_cpu_infer": ("onnxruntime cpu", "eager cpu"),
     }
-    if device.type == "cuda":
-        result["bf16_speedup_fcn16_train"] = ms("fcn16", "train", False, crop) / ms("fcn16", "train", True, crop)
+    if amp:
+        pairs["bf16_speedup_fcn16_train"] = (f"fcn16 train {crop}", f"fcn16 train {crop} bf16")
+        rows += time_group([("fcn16", "train", lambda: build_model("fcn16", 19, pretrained=False), 8, FULL, True,
+                             False)], device, args)[0]
+    result = {
+        "device": torch.cuda.get_device_name(device) if amp else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "batch_size": args.batch_size,
+        "crop_size": args.crop_size, "workers": args.workers, "steps": args.steps, "warmup": args.warmup,
+        "onnx_cpu_ms": {name: 1000 * statistics.median(times[name]) for name in ("eager cpu", "onnxruntime cpu")},
+    }
+    for key, (numerator, denominator) in pairs.items():
+        result[key], result[f"{key}_spread"] = paired_ratio(times[numerator], times[denominator])
+    fcn16_step_rate = args.batch_size / statistics.median(times[pairs["fcn16_train_over_trunk"][0]])
+    loader_rate = loader_images_per_second(args)
+    result.update(loader_over_step=loader_rate / fcn16_step_rate, loader_img_per_s=loader_rate, rows=rows)
+    if amp:
         result["largest_full_res_batch_fcn16_bf16"] = largest_batch("fcn16", device, True)
     return result
 
 
 def print_table(result: dict) -> None:
-    print(f"device: {result['device']}, torch {result['torch']}")
+    print(f"device: {result['device']}, torch {result['torch']}, onnxruntime {result['onnxruntime']}")
     print(f"{'network':<14}{'mode':<7}{'input':<16}{'bf16':<6}{'ms/step':>9}{'img/s':>9}{'peak MB':>9}")
     for r in result["rows"]:
         shape = f"{r['batch']}x{r['size'][0]}x{r['size'][1]}"
         print(f"{r['name']:<14}{r['mode']:<7}{shape:<16}{'yes' if r['bf16'] else 'no':<6}{r['ms']:>9.1f}"
               f"{r['img_per_s']:>9.1f}{r['peak_mb']:>9.0f}")
-    for key in ("fcn16_train_over_trunk", "fcn16_infer_over_trunk", "loader_over_step", "fcn16_over_fcn_resnet50",
-                "loader_img_per_s", "bf16_speedup_fcn16_train", "largest_full_res_batch_fcn16_bf16"):
+    ms = result["onnx_cpu_ms"]
+    print(f"deploy 1x375x1242 on the CPU: eager {ms['eager cpu']:.1f} ms, onnxruntime {ms['onnxruntime cpu']:.1f} ms")
+    for key in RATIOS:
+        if key in result:
+            print(f"{key:<36}{result[key]:.3f} +- {result[f'{key}_spread']:.3f}")
+    for key in ("loader_over_step", "loader_img_per_s", "largest_full_res_batch_fcn16_bf16"):
         if key in result:
             print(f"{key:<36}{result[key]:.3f}" if isinstance(result[key], float) else f"{key:<36}{result[key]}")
 
@@ -186,12 +274,15 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--crop-size", type=int, default=CROP_SIZE)
-    p.add_argument("--workers", type=int, default=WORKERS, help="DataLoader workers (default: main.py's)")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--crop-size", type=int, nargs=2, default=list(DATASET_DEFAULTS["kitti"]["crop_size"]),
+                   metavar=("H", "W"), help="training crop (default: main.py's for KITTI, %(default)s)")
+    p.add_argument("--workers", type=int, default=worker_count(WORKERS, 1), help="DataLoader workers (default: main.py's)")
+    p.add_argument("--steps", type=int, default=10, help="interleaved rounds timed (default %(default)s)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
+    if args.steps < 2:
+        p.error("--steps must be at least 2: a ratio's spread needs two rounds")
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
     result = run(args)
