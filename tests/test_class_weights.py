@@ -107,3 +107,45 @@ def test_command_line_prints_one_weight_per_class(hand_made_tree, tmp_path):
     assert result.stdout.splitlines()[0].split() == ["road", f"{100 * road:.2f}%", "of", "pixels", "weight",
                                                      f"{1 / math.log(1.02 + road):.3f}"]
     assert len(result.stdout.splitlines()) == 19
+
+
+def write_rare_sign_tree(root: Path, num: int = 16, size: int = 64) -> Path:
+    """Road below, building above, and one 6 x 6 traffic sign (0.9% of the pixels) at a random place."""
+    rng = np.random.default_rng(0)
+    colours = {7: (128, 64, 128), 11: (70, 70, 70), 20: (220, 220, 0)}
+    for folder in ("image_2", "semantic"):
+        (root / "training" / folder).mkdir(parents=True)
+    for i in range(num):
+        label = np.full((size, size), 7, np.uint8)
+        label[: size // 2] = 11
+        y, x = rng.integers(4, size - 12, 2)
+        label[y:y + 6, x:x + 6] = 20
+        image = np.zeros((size, size, 3))
+        for label_id, colour in colours.items():
+            image[label == label_id] = colour
+        image = np.clip(image + rng.normal(0, 25, image.shape), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(root / "training" / "image_2" / f"{i:06d}.png"), image[..., ::-1])
+        cv2.imwrite(str(root / "training" / "semantic" / f"{i:06d}.png"), label)
+    return root
+
+
+@pytest.mark.slow
+def test_median_frequency_balancing_raises_the_iou_of_a_rare_class_at_equal_seed(tmp_path):
+    import json
+
+    import main
+    import test as evaluation
+    from conftest import train_argv
+    root = write_rare_sign_tree(tmp_path / "tree")
+    sign_iou = {}
+    for method in ("none", "median-freq"):
+        run = tmp_path / method
+        main.train(main.parse_args(train_argv(root, run, "--arch", "fcn8", "--epochs", "6", "--batch-size", "4",
+                                              "--crop-size", "64", "--base-size", "64", "--class-weights", method)))
+        evaluation.main(["--checkpoint", str(run / "last.pt"), "--device", "cpu", "--workers", "0"])
+        sign_iou[method] = json.loads((run / "test_val" / "metrics.json").read_text())["class_iou"]["traffic sign"]
+        state = torch.load(run / "last.pt", weights_only=True)
+        if method != "none":  # computed once from the training labels and kept in the checkpoint
+            train_set = KittiSemantics(root, (run / "train.txt").read_text().split())
+            assert torch.equal(state["class_weights"], class_weights(class_pixel_counts(train_set), method))
+    assert sign_iou["median-freq"] > sign_iou["none"] + 0.03, sign_iou

@@ -263,3 +263,14 @@ def test_every_ddp_rank_gets_rank_0s_run_folder_or_its_error(tmp_path, existing)
         assert rank0.startswith("UserError: run folder") and "already exists" in rank0
     else:
         assert rank0.startswith("runs/fcn32-") and (tmp_path / rank0).is_dir()
+
+
+def test_weight_decay_applies_to_convolution_weights_only():
+    net = build_model("fcn16", 19, pretrained=False)
+    decay, no_decay = main.parameter_groups(net, 1e-4)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in net.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "trunk.stem.0.weight" in decayed and "score16.weight" in decayed
+    assert not any(n.endswith("bias") or ".bn" in n or "up32to16" in n or n.startswith("trunk.stem.1") for n in decayed)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
