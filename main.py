@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 import distributed  # noqa: E402
-from checkpoint import load_checkpoint, load_model_weights, publish_copy, require_training_state, save_checkpoint  # noqa: E402,E501
+from checkpoint import CheckpointWriter, load_checkpoint, load_model_weights, require_training_state, save_checkpoint  # noqa: E402,E501
 from engine import EpochProgress, NonFiniteLoss, evaluate, train_one_epoch  # noqa: E402
 from errors import UserError  # noqa: E402
 from labels import get_label_set  # noqa: E402
@@ -359,6 +359,7 @@ def train(args: argparse.Namespace) -> Path:
 
     def save_and_exit(epoch: int, where: str) -> None:
         if ctx.is_main:
+            checkpoints.wait()
             save_checkpoint(snapshot(epoch), run_dir / "last.pt")
             history_writer.write(history, final=True)
             print(f"\ninterrupted: saved {run_dir / 'last.pt'} {where}; continue with: python main.py --resume "
@@ -366,41 +367,42 @@ def train(args: argparse.Namespace) -> Path:
         distributed.cleanup()
         raise SystemExit(130)
 
-    history_writer = HistoryWriter(run_dir)
-    with StopRequest(ctx.device, ctx.world_size) as stop:
-        for epoch in range(start_epoch, args.epochs):
-            data.sampler.set_epoch(epoch, skip=progress.step * args.batch_size)
-            try:
-                finished = train_one_epoch(net, data.train_loader, optimizer, scheduler, scaler, ctx.device, amp_dtype,
-                                           progress, f"epoch {epoch + 1}/{args.epochs}", args.log_every, ctx.is_main,
-                                           stop, class_weights)
-                if not finished:
-                    save_and_exit(epoch, f"at epoch {epoch + 1} step {progress.step}")
-                distributed.broadcast_buffers(model)
-                val_start = time.perf_counter()
-                confusion, val_loss = evaluate(model, data.val_loader, label_set.num_classes, ctx.device, amp_dtype,
-                                               show=ctx.is_main)
-            except NonFiniteLoss as error:
-                raise UserError(f"{error} in epoch {epoch + 1}; {run_dir / 'last.pt'} keeps the last good epoch; "
-                                "lower --lr, or try --no-amp") from None
-            except KeyboardInterrupt:
-                raise UserError(f"aborted by a second interrupt; {run_dir / 'last.pt'} holds the last saved "
-                                "state") from None
-            if ctx.is_main:
-                report = evaluation_report(confusion.matrix, label_set)
-                history.append(epoch_record(epoch + 1, optimizer.param_groups[0]["lr"], progress, val_loss, report,
-                                            time.perf_counter() - val_start, ctx.device))
-                is_best = report["benchmark_mIoU"] > best_miou
-                best_miou = max(best_miou, report["benchmark_mIoU"])
+    history_writer, checkpoints = HistoryWriter(run_dir), CheckpointWriter()
+    try:
+        with StopRequest(ctx.device, ctx.world_size) as stop:
+            for epoch in range(start_epoch, args.epochs):
+                data.sampler.set_epoch(epoch, skip=progress.step * args.batch_size)
+                try:
+                    finished = train_one_epoch(net, data.train_loader, optimizer, scheduler, scaler, ctx.device, amp_dtype,
+                                               progress, f"epoch {epoch + 1}/{args.epochs}", args.log_every, ctx.is_main,
+                                               stop, class_weights)
+                    if not finished:
+                        save_and_exit(epoch, f"at epoch {epoch + 1} step {progress.step}")
+                    distributed.broadcast_buffers(model)
+                    val_start = time.perf_counter()
+                    confusion, val_loss = evaluate(model, data.val_loader, label_set.num_classes, ctx.device, amp_dtype,
+                                                   show=ctx.is_main)
+                except NonFiniteLoss as error:
+                    raise UserError(f"{error} in epoch {epoch + 1}; {run_dir / 'last.pt'} keeps the last good epoch; "
+                                    "lower --lr, or try --no-amp") from None
+                except KeyboardInterrupt:
+                    raise UserError(f"aborted by a second interrupt; {run_dir / 'last.pt'} holds the last saved "
+                                    "state") from None
+                if ctx.is_main:
+                    report = evaluation_report(confusion.matrix, label_set)
+                    history.append(epoch_record(epoch + 1, optimizer.param_groups[0]["lr"], progress, val_loss, report,
+                                                time.perf_counter() - val_start, ctx.device))
+                    is_best = report["benchmark_mIoU"] > best_miou
+                    best_miou = max(best_miou, report["benchmark_mIoU"])
+                    progress = EpochProgress()
+                    checkpoints.submit(snapshot(epoch + 1), run_dir / "last.pt", run_dir / "best.pt" if is_best else None)
+                    history_writer.write(history, final=epoch + 1 == args.epochs)
+                    print(epoch_line(history[-1], args.epochs, is_best), flush=True)
                 progress = EpochProgress()
-                save_checkpoint(snapshot(epoch + 1), run_dir / "last.pt")
-                if is_best:
-                    publish_copy(run_dir / "last.pt", run_dir / "best.pt")
-                history_writer.write(history, final=epoch + 1 == args.epochs)
-                print(epoch_line(history[-1], args.epochs, is_best), flush=True)
-            progress = EpochProgress()
-            if stop.agreed() and epoch + 1 < args.epochs:
-                save_and_exit(epoch + 1, f"after epoch {epoch + 1}")
+                if stop.agreed() and epoch + 1 < args.epochs:
+                    save_and_exit(epoch + 1, f"after epoch {epoch + 1}")
+    finally:
+        checkpoints.wait()  # the last write is complete (or its error raised) before the run ends
     if ctx.is_main:
         print(f"done: best val mIoU {100 * best_miou:.2f}% (19-class benchmark); checkpoints, metrics.csv and "
               f"curves.png in {run_dir}\nevaluate with: python test.py --checkpoint {run_dir / 'best.pt'}")
@@ -408,19 +410,24 @@ def train(args: argparse.Namespace) -> Path:
     return run_dir
 
 
+DEMO_SCENE_SIZE = (188, 620)  # half KITTI's frame: 4x fewer pixels to learn from and to validate on
+
+
 def demo_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Settings for --demo: a small synthetic tree and a short run that fits in a few CPU minutes."""
+    """Settings for --demo: 40 half-size synthetic scenes and a short run, about 25 s on 2 CPU cores."""
     from synthetic_kitti import write_synthetic_kitti
     from torchvision.models import ResNet18_Weights
     root = Path(args.demo) if args.demo else Path(tempfile.mkdtemp(prefix="fcn-demo-"))
-    print(f"demo: writing 40 SYNTHETIC KITTI-layout scenes to {root} (not real KITTI data)")
-    write_synthetic_kitti(root, num_train=40, num_test=4, seed=args.seed)
+    print(f"demo: writing 40 SYNTHETIC KITTI-layout scenes of {DEMO_SCENE_SIZE[0]}x{DEMO_SCENE_SIZE[1]} to {root} "
+          "(not real KITTI data)")
+    write_synthetic_kitti(root, num_train=40, num_test=4, seed=args.seed, size=DEMO_SCENE_SIZE)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
     if args.pretrained and not args.backbone_weights and not cached.is_file():
         print(f"demo: no ImageNet weights in {cached.parent}; training from random initialisation")
         args.pretrained = False
-    args.data_root, args.epochs, args.batch_size, args.crop_size, args.warmup_epochs = root, 12, 4, [256], 0.5
-    args.lr, args.workers, args.device = 0.02, "1", args.device or "auto"
+    args.data_root, args.epochs, args.batch_size, args.warmup_epochs, args.lr = root, 10, 4, 0.5, 0.02
+    args.crop_size, args.base_size, args.workers = [160], DEMO_SCENE_SIZE[0], "1"
+    args.device = args.device or "auto"
     return args
 
 
