@@ -301,6 +301,7 @@ def test_cityscapes_seeded_augmentation_with_a_non_square_crop(cityscapes_root):
 def test_cityscapes_image_without_labelIds_names_the_missing_file(cityscapes_copy):
     gt(cityscapes_copy, "train", CITY_TRAIN[2]).unlink()
     gt(cityscapes_copy, "train", CITY_TRAIN[2], "color").unlink()
+    gt(cityscapes_copy, "train", CITY_TRAIN[2], "instanceIds").unlink()
     with pytest.raises(UserError, match=r"bochum_000000_000019_gtFine_labelIds.png is missing: every leftImg8bit"):
         default_split_for("cityscapes", cityscapes_copy)
 
@@ -308,7 +309,7 @@ def test_cityscapes_image_without_labelIds_names_the_missing_file(cityscapes_cop
 def test_cityscapes_color_files_alone_are_refused_as_labels(cityscapes_copy):
     for label in cityscapes_copy.glob("gtFine/val/*/*_gtFine_labelIds.png"):
         label.unlink()
-    with pytest.raises(UserError, match=r"labelIds.png is missing \(and 1 more\); found .*color.png \(colours\), not"):
+    with pytest.raises(UserError, match=r"labelIds.png is missing \(and 1 more\); found .*color.png \(colours\).*, not label ids"):
         labelled_names("cityscapes", cityscapes_copy, "val")
 
 
