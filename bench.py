@@ -202,6 +202,31 @@ def onnx_times(args, size: tuple[int, int] = FULL) -> dict[str, list[float]]:
     return interleaved_seconds(steps, torch.device("cpu"), args.steps)
 
 
+def wall_over_compute(args, epochs: int = 6) -> dict:
+    """Wall time of a whole short ``main.py`` run (a fresh process: imports, data, checkpoints and plots
+    included) over its training + validation loop time, from metrics.csv. 1.0 would mean no overhead.
+
+    The tree is KITTI-shaped and small enough for a CPU: 30 labelled scenes at half KITTI size (24 train,
+    6 val), crops of 160, batch 4; on CUDA, KITTI-size scenes and the default crop."""
+    import csv
+    import subprocess
+    half = args.device == "cpu"
+    root = Path(tempfile.mkdtemp(prefix="bench-wall-"))
+    write_synthetic_kitti(root / "data", num_train=30, seed=0, size=(188, 620) if half else None)
+    command = [sys.executable, str(Path(__file__).with_name("main.py")), "--no-pretrained", "--device", args.device,
+               "--data-root", str(root / "data"), "--out", str(root / "run"), "--epochs", str(epochs), "--workers",
+               str(args.workers), "--batch-size", "4" if half else str(args.batch_size)]
+    command += ["--crop-size", "160", "--base-size", "188"] if half else []
+    log(f"a {epochs}-epoch main.py run on {root / 'data'}")
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    wall = time.perf_counter() - start
+    rows = list(csv.DictReader(open(root / "run" / "metrics.csv")))
+    compute = sum(float(r["seconds"]) + float(r["val_seconds"]) for r in rows)
+    return {"wall_over_compute": wall / compute, "wall_seconds": wall, "loop_seconds": compute,
+            "wall_run_epochs": epochs}
+
+
 def group_specs(args, device: torch.device, mode: str) -> list[tuple]:
     """The cases timed together in one mode: trunk and every FCN (train: also fcn_resnet50), every precision."""
     crop, train = tuple(args.crop_size), mode == "train"
@@ -247,6 +272,7 @@ def run(args) -> dict:
     fcn16_step_rate = args.batch_size / statistics.median(times[pairs["fcn16_train_over_trunk"][0]])
     loader_rate = loader_images_per_second(args)
     result.update(loader_over_step=loader_rate / fcn16_step_rate, loader_img_per_s=loader_rate, rows=rows)
+    result.update(wall_over_compute(args))
     if amp:
         result["largest_full_res_batch_fcn16_bf16"] = largest_batch("fcn16", device, True)
     return result
@@ -264,7 +290,8 @@ def print_table(result: dict) -> None:
     for key in RATIOS:
         if key in result:
             print(f"{key:<36}{result[key]:.3f} +- {result[f'{key}_spread']:.3f}")
-    for key in ("loader_over_step", "loader_img_per_s", "largest_full_res_batch_fcn16_bf16"):
+    for key in ("loader_over_step", "loader_img_per_s", "wall_over_compute", "wall_seconds", "loop_seconds",
+                "largest_full_res_batch_fcn16_bf16"):
         if key in result:
             print(f"{key:<36}{result[key]:.3f}" if isinstance(result[key], float) else f"{key:<36}{result[key]}")
 
