@@ -316,6 +316,105 @@ def shared_run_dir(args: argparse.Namespace, ctx: distributed.Context, resuming:
     if isinstance(outcome, UserError):
         raise outcome
     return outcome
+class TrainingRun:
+    """Everything one run holds between epochs, and the steps of an epoch: train, validate, record, save."""
+
+    def __init__(self, args: argparse.Namespace, ctx: distributed.Context, state: dict | None):
+        self.args, self.ctx = args, ctx
+        self.run_dir = shared_run_dir(args, ctx, resuming=state is not None)
+        self.amp_dtype = amp_dtype_for(ctx.device, args.amp)
+        torch.backends.cudnn.benchmark = ctx.device.type == "cuda"
+        self.data = make_loaders(args, ctx, self.run_dir, worker_count(args.workers, ctx.world_size), state)
+        self.model = make_model(args, ctx)
+        self.optimizer, self.scheduler = make_optimization(self.model, args, len(self.data.train_loader))
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
+        self.history, self.best_miou, self.start_epoch, self.progress = [], -1.0, 0, EpochProgress()
+        if state is not None:
+            self.history, self.best_miou, self.start_epoch, self.progress = restore(
+                state, args.resume, self.model, self.optimizer, self.scheduler, self.scaler)
+        self.net = self.model
+        if ctx.world_size > 1:
+            self.net = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
+                                               else None)
+        self.label_set = get_label_set(args.label_set)
+        self.class_weights = None if self.data.class_weights is None else self.data.class_weights.to(ctx.device)
+        self.history_writer, self.checkpoints = HistoryWriter(self.run_dir), CheckpointWriter()
+
+    def describe(self) -> str:
+        total, trainable = count_parameters(self.model)
+        processes = f" x {self.ctx.world_size}" if self.ctx.world_size > 1 else ""
+        return (f"{self.args.arch}: {total / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable), "
+                f"{self.label_set.num_classes} classes, {self.data.summary}, device {self.ctx.device}{processes}, "
+                f"run folder {self.run_dir}")
+
+    def snapshot(self, epoch: int) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
+                "progress": vars(self.progress), "best_miou": self.best_miou, "arch": self.args.arch,
+                "num_classes": self.label_set.num_classes, "label_set": self.args.label_set,
+                "world_size": self.ctx.world_size, "class_weights": self.data.class_weights,
+                "config": config_of(self.args), "history": self.history, "rng_cpu": torch.get_rng_state()}
+
+    def train_and_validate(self, epoch: int, stop: StopRequest) -> tuple | None:
+        """One epoch's training (from where ``progress`` stands) and validation; None if asked to stop."""
+        self.data.sampler.set_epoch(epoch, skip=self.progress.step * self.args.batch_size)
+        try:
+            finished = train_one_epoch(self.net, self.data.train_loader, self.optimizer, self.scheduler, self.scaler,
+                                       self.ctx.device, self.amp_dtype, self.progress,
+                                       f"epoch {epoch + 1}/{self.args.epochs}", self.args.log_every, self.ctx.is_main,
+                                       stop, self.class_weights)
+        except NonFiniteLoss as error:
+            raise UserError(f"{error} in epoch {epoch + 1}; {self.run_dir / 'last.pt'} keeps the last good epoch; "
+                            "lower --lr, or try --no-amp") from None
+        if not finished:
+            return None
+        distributed.broadcast_buffers(self.model)
+        start = time.perf_counter()
+        confusion, loss = evaluate(self.model, self.data.val_loader, self.label_set.num_classes, self.ctx.device,
+                                   self.amp_dtype, show=self.ctx.is_main)
+        return confusion, loss, time.perf_counter() - start
+
+    def record(self, epoch: int, confusion, val_loss: float, val_seconds: float) -> None:
+        """Rank 0: the epoch's row of metrics.csv, last.pt (and best.pt) on the background writer, a log line."""
+        report = evaluation_report(confusion.matrix, self.label_set)
+        self.history.append(epoch_record(epoch + 1, self.optimizer.param_groups[0]["lr"], self.progress, val_loss,
+                                         report, val_seconds, self.ctx.device))
+        is_best = report["benchmark_mIoU"] > self.best_miou
+        self.best_miou = max(self.best_miou, report["benchmark_mIoU"])
+        self.progress = EpochProgress()
+        self.checkpoints.submit(self.snapshot(epoch + 1), self.run_dir / "last.pt",
+                                self.run_dir / "best.pt" if is_best else None)
+        self.history_writer.write(self.history, final=epoch + 1 == self.args.epochs)
+        print(epoch_line(self.history[-1], self.args.epochs, is_best), flush=True)
+
+    def save_and_exit(self, epoch: int, where: str) -> None:
+        if self.ctx.is_main:
+            self.checkpoints.wait()
+            save_checkpoint(self.snapshot(epoch), self.run_dir / "last.pt")
+            self.history_writer.write(self.history, final=True)
+            print(f"\ninterrupted: saved {self.run_dir / 'last.pt'} {where}; continue with: python main.py --resume "
+                  f"{self.run_dir / 'last.pt'}", flush=True)
+        distributed.cleanup()
+        raise SystemExit(130)
+
+    def run_epochs(self) -> None:
+        """The epochs left. Ctrl-C / SIGTERM stop at the next step (or after validation) with a checkpoint."""
+        with StopRequest(self.ctx.device, self.ctx.world_size) as stop:
+            for epoch in range(self.start_epoch, self.args.epochs):
+                try:
+                    result = self.train_and_validate(epoch, stop)
+                except KeyboardInterrupt:
+                    raise UserError(f"aborted by a second interrupt; {self.run_dir / 'last.pt'} holds the last "
+                                    "saved state") from None
+                if result is None:
+                    self.save_and_exit(epoch, f"at epoch {epoch + 1} step {self.progress.step}")
+                if self.ctx.is_main:
+                    self.record(epoch, *result)
+                self.progress = EpochProgress()
+                if stop.agreed() and epoch + 1 < self.args.epochs:
+                    self.save_and_exit(epoch + 1, f"after epoch {epoch + 1}")
+
+
 def train(args: argparse.Namespace) -> Path:
     """The whole job: data, model, epochs of training and validation, checkpoints. Returns the run folder."""
     validate_args(args)
@@ -329,85 +428,18 @@ def train(args: argparse.Namespace) -> Path:
     if args.download and ctx.is_main and state is None:
         from kitti_download import download_kitti
         download_kitti(args.data_root)
-    run_dir = shared_run_dir(args, ctx, resuming=state is not None)
-    amp_dtype = amp_dtype_for(ctx.device, args.amp)
-    torch.backends.cudnn.benchmark = ctx.device.type == "cuda"
-    data = make_loaders(args, ctx, run_dir, worker_count(args.workers, ctx.world_size), state)
-    model = make_model(args, ctx)
-    optimizer, scheduler = make_optimization(model, args, len(data.train_loader))
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
-    history, best_miou, start_epoch, progress = [], -1.0, 0, EpochProgress()
-    if state is not None:
-        history, best_miou, start_epoch, progress = restore(state, args.resume, model, optimizer, scheduler, scaler)
-    net = model
-    if ctx.world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    label_set = get_label_set(args.label_set)
-    class_weights = None if data.class_weights is None else data.class_weights.to(ctx.device)
+    run = TrainingRun(args, ctx, state)
     if ctx.is_main:
-        total, trainable = count_parameters(model)
-        print(f"{args.arch}: {total / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable), {label_set.num_classes} "
-              f"classes, {data.summary}, device {ctx.device}"
-              f"{f' x {ctx.world_size}' if ctx.world_size > 1 else ''}, run folder {run_dir}")
-
-    def snapshot(epoch: int) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "progress": vars(progress), "best_miou": best_miou,
-                "arch": args.arch, "num_classes": label_set.num_classes, "label_set": args.label_set,
-                "world_size": ctx.world_size, "class_weights": data.class_weights, "config": config_of(args),
-                "history": history, "rng_cpu": torch.get_rng_state()}
-
-    def save_and_exit(epoch: int, where: str) -> None:
-        if ctx.is_main:
-            checkpoints.wait()
-            save_checkpoint(snapshot(epoch), run_dir / "last.pt")
-            history_writer.write(history, final=True)
-            print(f"\ninterrupted: saved {run_dir / 'last.pt'} {where}; continue with: python main.py --resume "
-                  f"{run_dir / 'last.pt'}", flush=True)
-        distributed.cleanup()
-        raise SystemExit(130)
-
-    history_writer, checkpoints = HistoryWriter(run_dir), CheckpointWriter()
+        print(run.describe())
     try:
-        with StopRequest(ctx.device, ctx.world_size) as stop:
-            for epoch in range(start_epoch, args.epochs):
-                data.sampler.set_epoch(epoch, skip=progress.step * args.batch_size)
-                try:
-                    finished = train_one_epoch(net, data.train_loader, optimizer, scheduler, scaler, ctx.device, amp_dtype,
-                                               progress, f"epoch {epoch + 1}/{args.epochs}", args.log_every, ctx.is_main,
-                                               stop, class_weights)
-                    if not finished:
-                        save_and_exit(epoch, f"at epoch {epoch + 1} step {progress.step}")
-                    distributed.broadcast_buffers(model)
-                    val_start = time.perf_counter()
-                    confusion, val_loss = evaluate(model, data.val_loader, label_set.num_classes, ctx.device, amp_dtype,
-                                                   show=ctx.is_main)
-                except NonFiniteLoss as error:
-                    raise UserError(f"{error} in epoch {epoch + 1}; {run_dir / 'last.pt'} keeps the last good epoch; "
-                                    "lower --lr, or try --no-amp") from None
-                except KeyboardInterrupt:
-                    raise UserError(f"aborted by a second interrupt; {run_dir / 'last.pt'} holds the last saved "
-                                    "state") from None
-                if ctx.is_main:
-                    report = evaluation_report(confusion.matrix, label_set)
-                    history.append(epoch_record(epoch + 1, optimizer.param_groups[0]["lr"], progress, val_loss, report,
-                                                time.perf_counter() - val_start, ctx.device))
-                    is_best = report["benchmark_mIoU"] > best_miou
-                    best_miou = max(best_miou, report["benchmark_mIoU"])
-                    progress = EpochProgress()
-                    checkpoints.submit(snapshot(epoch + 1), run_dir / "last.pt", run_dir / "best.pt" if is_best else None)
-                    history_writer.write(history, final=epoch + 1 == args.epochs)
-                    print(epoch_line(history[-1], args.epochs, is_best), flush=True)
-                progress = EpochProgress()
-                if stop.agreed() and epoch + 1 < args.epochs:
-                    save_and_exit(epoch + 1, f"after epoch {epoch + 1}")
+        run.run_epochs()
     finally:
-        checkpoints.wait()  # the last write is complete (or its error raised) before the run ends
+        run.checkpoints.wait()  # the last write is complete (or its error raised) before the run ends
     if ctx.is_main:
-        print(f"done: best val mIoU {100 * best_miou:.2f}% (19-class benchmark); checkpoints, metrics.csv and "
-              f"curves.png in {run_dir}\nevaluate with: python test.py --checkpoint {run_dir / 'best.pt'}")
+        print(f"done: best val mIoU {100 * run.best_miou:.2f}% (19-class benchmark); checkpoints, metrics.csv and "
+              f"curves.png in {run.run_dir}\nevaluate with: python test.py --checkpoint {run.run_dir / 'best.pt'}")
     distributed.cleanup()
-    return run_dir
+    return run.run_dir
 
 
 DEMO_SCENE_SIZE = (188, 620)  # half KITTI's frame: 4x fewer pixels to learn from and to validate on

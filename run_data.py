@@ -12,11 +12,11 @@ from torch.utils.data import DataLoader
 
 import distributed
 from class_weights import class_pixel_counts, class_weights
-from data_preprocessing import (DATASET_DEFAULTS, SegmentationDataset, default_split_for, labelled_names,
+from data_preprocessing import (DATASET_DEFAULTS, SegmentationDataset, default_split_for, labelled_names, png_size,
                                 train_augmentation, write_split)
 from errors import UserError
 from labels import get_label_set
-from samplers import SeededTrainSampler, ShardSampler
+from samplers import SeededTrainSampler, ShapeBatchSampler
 
 
 @dataclass
@@ -67,7 +67,8 @@ def describe_cache(dataset: SegmentationDataset, name: str) -> str:
 
 def make_loaders(args: argparse.Namespace, ctx: distributed.Context, run_dir: Path, workers: int,
                  state: dict | None = None) -> RunData:
-    """Training loader (seeded sampler, augmentation) and validation loader (full images, no padding)."""
+    """Training loader (seeded sampler, augmentation) and validation loader (full images batched by size, each
+    scored once over all ranks)."""
     split = run_split(args, ctx, run_dir, resuming=state is not None)
     label_set = get_label_set(args.label_set)
     crop, base = crop_and_base_size(args)
@@ -82,7 +83,9 @@ def make_loaders(args: argparse.Namespace, ctx: distributed.Context, run_dir: Pa
     sampler = SeededTrainSampler(len(train_set), args.seed, ctx.rank, ctx.world_size)
     common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
     train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **common)
-    val_loader = DataLoader(val_set, 1, sampler=ShardSampler(len(val_set), ctx.rank, ctx.world_size), **common)
+    sizes = [png_size(image) for image, _ in val_set.paths]
+    val_batches = ShapeBatchSampler(sizes, args.batch_size, ctx.rank, ctx.world_size)
+    val_loader = DataLoader(val_set, batch_sampler=val_batches, **common)
     summary = (f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, crop {crop[0]}x{crop[1]}, "
                f"{workers} loader workers; {describe_cache(train_set, 'train')}, {describe_cache(val_set, 'val')}")
     if weights is not None:

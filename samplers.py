@@ -54,3 +54,30 @@ class ShardSampler(Sampler):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
+
+
+class ShapeBatchSampler(Sampler):
+    """Evaluation batches of same-sized images, split across DDP ranks without padding.
+
+    Full-size validation images cannot be stacked unless they share a size; KITTI has a handful of sizes,
+    so grouping by size lets validation run batches instead of one image at a time. Batches hold at most
+    ``batch_size`` images and ``max_pixels`` pixels; rank r takes batches r, r+W, r+2W, ..., so every image
+    is scored exactly once over all ranks.
+    """
+
+    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, rank: int = 0, world_size: int = 1,
+                 max_pixels: int = 2**22):
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, size in enumerate(sizes):
+            groups.setdefault(tuple(size), []).append(index)
+        batches = []
+        for (height, width), indices in sorted(groups.items()):
+            per_batch = max(1, min(batch_size, max_pixels // (height * width)))
+            batches += [indices[i:i + per_batch] for i in range(0, len(indices), per_batch)]
+        self.batches = batches[rank::world_size]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)

@@ -51,3 +51,17 @@ def test_a_failed_background_write_is_raised_by_the_next_wait(tmp_path, monkeypa
     with pytest.raises(OSError, match="No space"):
         writer.wait()
     assert not any(tmp_path.iterdir())
+
+
+def test_the_rename_is_made_durable_by_syncing_the_directory(tmp_path, monkeypatch):
+    import os
+    import stat
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+    assert synced == [False, True]  # the file's data, then the folder holding the new name

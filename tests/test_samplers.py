@@ -1,4 +1,4 @@
-from samplers import SeededTrainSampler, ShardSampler
+from samplers import SeededTrainSampler, ShapeBatchSampler, ShardSampler
 
 
 def test_training_order_is_a_function_of_seed_and_epoch():
@@ -30,3 +30,31 @@ def test_skip_resumes_the_same_sequence_mid_epoch():
 def test_shard_sampler_covers_an_odd_split_exactly_once():
     shards = [list(ShardSampler(7, rank=r, world_size=2)) for r in range(2)]
     assert sorted(shards[0] + shards[1]) == list(range(7))
+
+
+def test_shape_batches_hold_one_size_each_and_cover_every_image_once_over_ranks():
+    from samplers import ShapeBatchSampler
+    sizes = [(375, 1242), (370, 1224), (375, 1242), (374, 1238), (375, 1242), (370, 1224), (375, 1242)]
+    shards = [list(ShapeBatchSampler(sizes, batch_size=2, rank=r, world_size=2)) for r in range(2)]
+    batches = shards[0] + shards[1]
+    assert all(len({sizes[i] for i in batch}) == 1 and 1 <= len(batch) <= 2 for batch in batches)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(sizes)))
+    assert list(ShapeBatchSampler(sizes, batch_size=8, max_pixels=2 * 375 * 1242)) == [[1, 5], [3], [0, 2], [4, 6]]
+
+
+def test_batched_validation_equals_one_image_at_a_time(synthetic_root):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from data_preprocessing import KittiSemantics, list_labelled
+    from engine import evaluate
+    from model import build_model
+    dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root)[:5])
+    torch.manual_seed(0)
+    net = build_model("fcn16", 19, pretrained=False)
+    batched = DataLoader(dataset, batch_sampler=ShapeBatchSampler([(96, 320)] * 5, batch_size=4))
+    one_by_one = DataLoader(dataset, 1)
+    (confusion_a, loss_a), (confusion_b, loss_b) = (evaluate(net, loader, 19, torch.device("cpu"), show=False)
+                                                    for loader in (batched, one_by_one))
+    assert len(batched) == 2 and (confusion_a.matrix == confusion_b.matrix).all()
+    assert abs(loss_a - loss_b) < 1e-6 * abs(loss_b)
