@@ -84,7 +84,9 @@ def make_loaders(args: argparse.Namespace, ctx: distributed.Context, run_dir: Pa
     common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
     train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **common)
     sizes = [png_size(image) for image, _ in val_set.paths]
-    val_batches = ShapeBatchSampler(sizes, args.batch_size, ctx.rank, ctx.world_size)
+    # batches help a GPU; on the CPU one full-size image at a time measured faster (1.25 vs 1.26-1.6 x forwards)
+    val_batch = args.batch_size if ctx.device.type == "cuda" else 1
+    val_batches = ShapeBatchSampler(sizes, val_batch, ctx.rank, ctx.world_size)
     val_loader = DataLoader(val_set, batch_sampler=val_batches, **common)
     summary = (f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, crop {crop[0]}x{crop[1]}, "
                f"{workers} loader workers; {describe_cache(train_set, 'train')}, {describe_cache(val_set, 'val')}")

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from checkpoint import load_checkpoint, load_model_weights
 from data_preprocessing import ImageList, SegmentationDataset, labelled_names, list_test_images
 from distributed import pick_device
-from engine import ProgressLine, evaluate, predict
+from engine import ProgressLine, class_map, evaluate, predict
 from errors import UserError
 from image_sources import VideoFrames, VideoWriter, is_video, list_images
 from labels import LabelSet, colorize, get_label_set
@@ -167,7 +167,7 @@ def predict_images(args, model, dataset: ImageList, device, writer) -> dict:
     loader = DataLoader(dataset, 1, num_workers=args.workers)
     line, start = ProgressLine(len(dataset), "predict"), time.perf_counter()
     for index, image in enumerate(loader):
-        prediction = predict(model, image, device, flip=args.flip, scales=tuple(args.scales)).argmax(1)
+        prediction = class_map(predict(model, image, device, flip=args.flip, scales=tuple(args.scales)))
         writer(index, dataset.names[index], prediction[0].to(torch.uint8).cpu().numpy(), image[0])
         line.update()
     line.close()
@@ -183,7 +183,7 @@ def predict_video(args, model, label_set: LabelSet, device) -> dict:
     count, start = 0, time.perf_counter()
     try:
         for frame in frames:
-            prediction = predict(model, frame[None], device, flip=args.flip, scales=tuple(args.scales)).argmax(1)
+            prediction = class_map(predict(model, frame[None], device, flip=args.flip, scales=tuple(args.scales)))
             color = colorize(prediction[0].to(torch.uint8).cpu().numpy(), label_set)
             video.write(((frame.permute(1, 2, 0).numpy().astype(np.uint16) + color) // 2).astype(np.uint8))
             count += 1
