@@ -164,6 +164,39 @@ def loader_images_per_second(args) -> float:
     return images / (time.perf_counter() - start)
 
 
+def cityscapes_loading(args, num_scenes: int = 24) -> dict:
+    """Cityscapes at full size (1024x2048): the loader's img/s, uncached as Cityscapes train is (it decodes to
+    ~25 GB), with main.py's worker count and with twice as many, against FCN-16s train steps at the default
+    512x1024 crop, batch 8 (bf16 on CUDA)."""
+    from data_preprocessing import SegmentationDataset, default_split_for
+    from synthetic_kitti import write_synthetic_cityscapes
+    root = Path(tempfile.mkdtemp(prefix="bench-cityscapes-"))
+    log(f"writing {num_scenes} synthetic 1024x2048 Cityscapes scenes")
+    write_synthetic_cityscapes(root, num_train=num_scenes, num_val=1, seed=0, size=(1024, 2048))
+    defaults = DATASET_DEFAULTS["cityscapes"]
+    dataset = SegmentationDataset("cityscapes", root, default_split_for("cityscapes", root)["train"] * 2, "train",
+                                  train_augmentation(defaults["crop_size"], defaults["base_size"]), cache=False)
+    result = {}
+    for workers in (args.workers, 2 * args.workers):
+        sampler = SeededTrainSampler(len(dataset), seed=0)
+        loader = DataLoader(dataset, 8, sampler=sampler, num_workers=workers, drop_last=True, persistent_workers=True)
+        log(f"Cityscapes loader, {workers} workers")
+        for _ in loader:
+            pass
+        start, images = time.perf_counter(), 0
+        sampler.set_epoch(1)
+        images += sum(len(batch[0]) for batch in loader)
+        result[f"cityscapes_loader_img_per_s_{workers}_workers"] = images / (time.perf_counter() - start)
+    device = torch.device(args.device)
+    step = Case(build_model("fcn16", 19, pretrained=False), 8, defaults["crop_size"], device, device.type == "cuda",
+                train=True)
+    log("FCN-16s train step, 8x512x1024")
+    step_seconds = statistics.median([seconds(step, device) for _ in range(args.warmup + 3)][args.warmup:])
+    result["cityscapes_step_img_per_s"] = 8 / step_seconds
+    result["cityscapes_loader_over_step"] = result[f"cityscapes_loader_img_per_s_{args.workers}_workers"] / (8 / step_seconds)
+    return result
+
+
 def largest_batch(arch: str, device, amp: bool, size=FULL, limit: int = 256) -> int:
     """Largest power-of-two batch whose full-resolution train step fits in GPU memory."""
     batch, fits = 1, 0
@@ -273,6 +306,8 @@ def run(args) -> dict:
     loader_rate = loader_images_per_second(args)
     result.update(loader_over_step=loader_rate / fcn16_step_rate, loader_img_per_s=loader_rate, rows=rows)
     result.update(wall_over_compute(args))
+    if args.cityscapes:
+        result.update(cityscapes_loading(args))
     if amp:
         result["largest_full_res_batch_fcn16_bf16"] = largest_batch("fcn16", device, True)
     return result
@@ -290,8 +325,8 @@ def print_table(result: dict) -> None:
     for key in RATIOS:
         if key in result:
             print(f"{key:<36}{result[key]:.3f} +- {result[f'{key}_spread']:.3f}")
-    for key in ("loader_over_step", "loader_img_per_s", "wall_over_compute", "wall_seconds", "loop_seconds",
-                "largest_full_res_batch_fcn16_bf16"):
+    for key in ["loader_over_step", "loader_img_per_s", "wall_over_compute", "wall_seconds", "loop_seconds",
+                "largest_full_res_batch_fcn16_bf16"] + [k for k in result if k.startswith("cityscapes_")]:
         if key in result:
             print(f"{key:<36}{result[key]:.3f}" if isinstance(result[key], float) else f"{key:<36}{result[key]}")
 
@@ -306,6 +341,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=worker_count(WORKERS, 1), help="DataLoader workers (default: main.py's)")
     p.add_argument("--steps", type=int, default=10, help="interleaved rounds timed (default %(default)s)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--cityscapes", action="store_true", help="also time Cityscapes-size loading against a 512x1024 "
+                   "train step (writes 24 full-size synthetic scenes first)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if args.steps < 2:
