@@ -6,22 +6,40 @@ import subprocess
 import sys
 from pathlib import Path
 
+import shutil
+
+import cv2
+import numpy as np
 import pytest
 import torch
 
 import main
 import test as evaluation
-from conftest import train_argv
+from conftest import KITTI_SAMPLE, train_argv
 from synthetic_kitti import write_synthetic_cityscapes
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (96, 192)
 
 
+REAL_VAL = "munster/munster_000000_000019"
+
+
 @pytest.fixture(scope="module")
 def cityscapes_root(tmp_path_factory) -> Path:
-    return write_synthetic_cityscapes(tmp_path_factory.mktemp("cityscapes"), num_train=8, num_val=3, num_test=2,
+    """Synthetic train/val/test scenes in the official layout, plus one real street frame (a KITTI frame from
+    tests/data, 375 x 1242, with its Cityscapes label ids) as a val image under an official name."""
+    root = write_synthetic_cityscapes(tmp_path_factory.mktemp("cityscapes"), num_train=8, num_val=3, num_test=2,
                                       seed=0, size=SIZE)
+    name = sorted((KITTI_SAMPLE / "training" / "semantic").glob("*.png"))[0].name
+    city, stem = REAL_VAL.split("/")
+    (root / "leftImg8bit" / "val" / city).mkdir(parents=True, exist_ok=True)
+    (root / "gtFine" / "val" / city).mkdir(parents=True, exist_ok=True)
+    shutil.copy(KITTI_SAMPLE / "training" / "image_2" / name, root / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png")
+    label = cv2.imread(str(KITTI_SAMPLE / "training" / "semantic" / name), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(root / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png"), label)
+    cv2.imwrite(str(root / "gtFine" / "val" / city / f"{stem}_gtFine_instanceIds.png"), label.astype(np.uint16))
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +54,7 @@ def test_cityscapes_run_uses_the_official_val_split(cityscapes_run, cityscapes_r
     val = (cityscapes_run / "val.txt").read_text().split()
     official = sorted(f"{p.parent.name}/{p.name.removesuffix('_leftImg8bit.png')}"
                       for p in (cityscapes_root / "leftImg8bit" / "val").glob("*/*_leftImg8bit.png"))
-    assert val == official and len((cityscapes_run / "train.txt").read_text().split()) == 8
+    assert val == official and REAL_VAL in val and len((cityscapes_run / "train.txt").read_text().split()) == 8
 
 
 def official_evaluation(dataset_root: Path, predictions: Path) -> dict:
@@ -59,7 +77,8 @@ def test_official_script_finds_and_scores_test_py_predictions_like_metrics_json(
                      "--workers", "0", "--data-root", str(root)])
     ours = json.loads((out / "metrics.json").read_text())
     theirs = official_evaluation(root, out / "pred_labelIds")
-    assert ours["num_images"] == 3 and ours["dataset"] == "cityscapes"
+    assert ours["num_images"] == 4 and ours["dataset"] == "cityscapes"  # the real 375 x 1242 frame among them
+    assert cv2.imread(str(out / "pred_labelIds" / "munster_000000_000019.png"), cv2.IMREAD_UNCHANGED).shape == (375, 1242)
     assert ours["benchmark_mIoU"] == pytest.approx(theirs["averageScoreClasses"], abs=1e-6)
     for name, iou in ours["class_iou"].items():
         official = theirs["classScores"][name]
