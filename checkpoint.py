@@ -58,6 +58,8 @@ def publish_copy(source: Path, path: Path) -> None:
         os.link(source, tmp)
     except OSError:
         shutil.copyfile(source, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_directory(path.parent)
 

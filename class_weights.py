@@ -82,10 +82,11 @@ def main(argv: list[str] | None = None) -> None:
         names = labelled_names(args.dataset, args.data_root, "train", args.split_dir)
         dataset = SegmentationDataset(args.dataset, args.data_root, names, args.label_set)
         counts = class_pixel_counts(dataset)
+        weights = class_weights(counts, args.method)
     except UserError as error:
         sys.exit(f"error: {error}")
     share = counts.sum(0) / counts.sum()
-    for name, fraction, weight in zip(dataset.label_set.class_names, share, class_weights(counts, args.method)):
+    for name, fraction, weight in zip(dataset.label_set.class_names, share, weights):
         print(f"{name:>16}  {100 * fraction:6.2f}% of pixels  weight {weight:.3f}")
 
 

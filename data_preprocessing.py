@@ -285,6 +285,9 @@ def labelled_names(dataset: str, root: Path, split: str, split_dir: Path | None 
     if not path.is_file():
         raise UserError(f"{path} is missing: a split folder needs train.txt and val.txt, one image name a line")
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # a repeated val name would be scored twice
+        raise UserError(f"{path}: {', '.join(repeated[:5])} listed more than once; keep each name once")
     unknown = sorted(set(names) - set(labelled))
     if unknown:
         raise UserError(f"{path}: names not among the labelled images of {root}: {', '.join(unknown[:5])}")
@@ -457,13 +460,6 @@ class ImageList(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return torch.from_numpy(read_image(self.paths[index])).permute(2, 0, 1).contiguous()
-
-
-class ImageFolder(ImageList):
-    """Every PNG of one folder (KITTI ``testing/image_2`` or any folder), named by file stem."""
-
-    def __init__(self, folder: str | Path):
-        super().__init__([(p.stem, p) for p in list_png(Path(folder))])
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from errors import UserError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -20,10 +22,19 @@ class Context:
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' -> the first CUDA GPU if there is one, else the CPU."""
+    """'auto' -> the first CUDA GPU if there is one, else the CPU; a device this machine lacks is a UserError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} usable CUDA GPU(s); "
+                        "use --device cpu (or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name} is not supported here; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def setup(device_name: str) -> Context:

@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = args.out or args.checkpoint.with_suffix(f".{args.format}")
     try:
+        if not args.checkpoint.is_file():
+            raise UserError(f"checkpoint {args.checkpoint} does not exist; pass the best.pt or last.pt of a run")
         export(args.checkpoint, out, args.format, args.with_logits, args.force)
     except UserError as error:
         sys.exit(f"error: {error}")

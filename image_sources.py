@@ -26,6 +26,10 @@ def list_images(folder: Path) -> list[tuple[str, Path]]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise UserError(f"{folder} holds no PNG or JPEG files; pass --images with a folder of images or a video")
+    stems = [p.stem for p in files]
+    clashing = sorted({p.name for p in files if stems.count(p.stem) > 1})
+    if clashing:  # their predictions would be written to the same <stem>.png
+        raise UserError(f"{folder}: {', '.join(clashing[:4])} share a name; rename or move one of each")
     return [(p.stem, p) for p in files]
 
 

@@ -31,6 +31,7 @@ LOG_EVERY = 10                   # steps between loss read-backs / progress line
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -273,7 +274,8 @@ def restore(state: dict, path: Path, model, optimizer, scheduler, scaler) -> tup
         raise UserError(f"{path}: its optimizer state does not fit this version's parameter groups ({error}); "
                         f"start a new run from its weights with --init-from {path}") from None
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"] and scaler.is_enabled():  # empty when the run had no fp16 loss scaling (CPU, bf16)
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
     return state["history"], state["best_miou"], state["epoch"], EpochProgress(**state["progress"])
 
@@ -292,6 +294,10 @@ def load_resume_state(args: argparse.Namespace) -> tuple[argparse.Namespace, dic
     if not args.resume:
         args.device = args.device or "auto"
         return args, None
+    last = args.resume.parent / "last.pt"
+    if last.is_file() and args.resume.resolve() != last.resolve():  # e.g. best.pt: it would rewind the run
+        raise UserError(f"{args.resume}: a run continues from its last.pt, so resume with --resume {last}; to start a "
+                        f"new run from this checkpoint's weights, use --init-from {args.resume}")
     state = load_checkpoint(args.resume)
     require_training_state(state, args.resume)
     args = args_from_checkpoint(state, args)
@@ -377,6 +383,9 @@ class TrainingRun:
     def record(self, epoch: int, confusion, val_loss: float, val_seconds: float) -> None:
         """Rank 0: the epoch's row of metrics.csv, last.pt (and best.pt) on the background writer, a log line."""
         report = evaluation_report(confusion.matrix, self.label_set)
+        if math.isnan(report["benchmark_mIoU"]):
+            raise UserError(f"{self.args.data_root}: the validation images hold no pixel of the 19 benchmark classes "
+                            "(every label is ignored or void), so no model can be scored; check the val labels")
         self.history.append(epoch_record(epoch + 1, self.optimizer.param_groups[0]["lr"], self.progress, val_loss,
                                          report, val_seconds, self.ctx.device))
         is_best = report["benchmark_mIoU"] > self.best_miou
@@ -457,9 +466,12 @@ def demo_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.pretrained and not args.backbone_weights and not cached.is_file():
         print(f"demo: no ImageNet weights in {cached.parent}; training from random initialisation")
         args.pretrained = False
-    args.data_root, args.epochs, args.batch_size, args.warmup_epochs, args.lr = root, 10, 4, 0.5, 0.02
-    args.crop_size, args.base_size, args.workers = [160], DEMO_SCENE_SIZE[0], "1"
-    args.device = args.device or "auto"
+    args.data_root = root
+    settings = {"epochs": 10, "batch_size": 4, "warmup_epochs": 0.5, "lr": 0.02,
+                "crop_size": [160], "base_size": DEMO_SCENE_SIZE[0], "workers": "1", "device": "auto"}
+    for name, value in settings.items():
+        if name not in args.explicit:  # a flag given with --demo wins over the demo's setting
+            setattr(args, name, value)
     return args
 
 

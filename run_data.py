@@ -4,6 +4,7 @@ data_preprocessing.py's layouts and ``DATASET_DEFAULTS``."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from torch.utils.data import DataLoader
 
 import distributed
 from class_weights import class_pixel_counts, class_weights
-from data_preprocessing import (DATASET_DEFAULTS, SegmentationDataset, default_split_for, labelled_names, png_size,
+from data_preprocessing import (DATASET_DEFAULTS, SegmentationDataset, default_cache_gb, default_split_for, labelled_names,
+                                png_size,
                                 train_augmentation, write_split)
 from errors import UserError
 from labels import get_label_set
@@ -37,6 +39,10 @@ def run_split(args: argparse.Namespace, ctx: distributed.Context, run_dir: Path,
         split = default_split_for(args.dataset, args.data_root)
     else:
         split = {name: labelled_names(args.dataset, args.data_root, name, split_dir) for name in ("train", "val")}
+        shared = sorted(set(split["train"]) & set(split["val"]))
+        if shared:
+            raise UserError(f"{split_dir}: {', '.join(shared[:5])} in both train.txt and val.txt; validation would "
+                            "score training images, so keep each name in one file")
     if ctx.is_main and not resuming:
         write_split(split, run_dir)
     return split
@@ -72,7 +78,9 @@ def make_loaders(args: argparse.Namespace, ctx: distributed.Context, run_dir: Pa
     split = run_split(args, ctx, run_dir, resuming=state is not None)
     label_set = get_label_set(args.label_set)
     crop, base = crop_and_base_size(args)
-    cache = True if args.cache_gb is None else args.cache_gb
+    # each process holds its own cache: the default budget (half the free memory) is shared by a node's processes
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cache = default_cache_gb() / local_processes if args.cache_gb is None else args.cache_gb
     train_set = SegmentationDataset(args.dataset, args.data_root, split["train"], label_set,
                                     train_augmentation(crop, base), cache=cache)
     val_set = SegmentationDataset(args.dataset, args.data_root, split["val"], label_set, cache=cache)

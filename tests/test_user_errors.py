@@ -78,3 +78,48 @@ def test_a_file_that_is_not_a_video_is_named(trained_run, tmp_path):
     message = one_line_error(evaluation.main, ["--checkpoint", str(trained_run / "last.pt"), "--images",
                                                str(tmp_path / "clip.mp4"), "--device", "cpu"])
     assert "clip.mp4: cannot be decoded as a video" in message
+
+
+def test_resume_from_best_pt_is_refused_because_it_would_rewind_the_run(trained_run):
+    message = one_line_error(main.main, ["--resume", str(trained_run / "best.pt")])
+    assert "resume with --resume" in message and "last.pt" in message and "--init-from" in message
+
+
+def test_a_device_this_machine_lacks_is_one_line(synthetic_root, tmp_path):
+    assert "--device gpu is not a device name" in one_line_error(main.main, train_argv(synthetic_root, tmp_path / "r",
+                                                                                       "--device", "gpu"))
+    assert not (tmp_path / "r").exists()
+    if not torch.cuda.is_available():
+        assert "--device cuda: this machine has 0 usable" in one_line_error(
+            main.main, train_argv(synthetic_root, tmp_path / "r", "--device", "cuda"))
+
+
+def test_split_files_with_a_repeated_or_shared_name_are_refused(synthetic_root, tmp_path):
+    from data_preprocessing import default_split
+    split = default_split(sorted(p.stem for p in (synthetic_root / "training" / "semantic").glob("*.png")))
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "train.txt").write_text("\n".join(split["train"]) + "\n")
+    (tmp_path / "split" / "val.txt").write_text("\n".join(split["val"] + split["val"][:1]) + "\n")
+    argv = train_argv(synthetic_root, tmp_path / "run", "--split-dir", str(tmp_path / "split"))
+    assert "listed more than once" in one_line_error(main.main, argv)
+    (tmp_path / "split" / "val.txt").write_text("\n".join(split["val"] + split["train"][:1]) + "\n")
+    assert "in both train.txt and val.txt" in one_line_error(main.main, argv)
+
+
+def test_validation_labels_without_a_scored_pixel_are_named(writable_tree, tmp_path):
+    import cv2
+    import numpy as np
+    for path in (writable_tree / "training" / "semantic").glob("*.png"):
+        cv2.imwrite(str(path), np.zeros(cv2.imread(str(path), cv2.IMREAD_UNCHANGED).shape, np.uint8))  # all void
+    message = one_line_error(main.main, train_argv(writable_tree, tmp_path / "run", "--epochs", "1"))
+    assert "hold no pixel of the 19 benchmark classes" in message
+
+
+def test_two_images_of_the_same_name_are_refused_before_one_overwrites_the_other(trained_run, tmp_path):
+    import cv2
+    import numpy as np
+    for name in ("a.png", "a.jpg"):
+        cv2.imwrite(str(tmp_path / name), np.zeros((40, 40, 3), np.uint8))
+    message = one_line_error(evaluation.main, ["--checkpoint", str(trained_run / "last.pt"), "--images", str(tmp_path),
+                                               "--device", "cpu"])
+    assert "a.jpg, a.png share a name" in message
