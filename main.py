@@ -42,7 +42,8 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 import distributed  # noqa: E402
-from checkpoint import CheckpointWriter, load_checkpoint, load_model_weights, require_training_state, save_checkpoint  # noqa: E402,E501
+from checkpoint import load_checkpoint, load_model_weights, require_training_state, save_checkpoint  # noqa: E402
+from checkpoint_writer import CheckpointWriter  # noqa: E402
 from engine import EpochProgress, NonFiniteLoss, evaluate, train_one_epoch  # noqa: E402
 from errors import UserError  # noqa: E402
 from labels import get_label_set  # noqa: E402

@@ -1,10 +1,11 @@
-"""checkpoint.py: atomic writes, published copies, and the background writer."""
+"""checkpoint.py and checkpoint_writer.py: atomic writes, published copies, and the background writer."""
 import threading
 
 import pytest
 import torch
 
-from checkpoint import CheckpointWriter, publish_copy, save_checkpoint
+from checkpoint import publish_copy, save_checkpoint
+from checkpoint_writer import CheckpointWriter
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_file_and_no_temporary_file(tmp_path, monkeypatch):
