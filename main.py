@@ -10,8 +10,8 @@ ARCH = "fcn16"                   # fcn32 | fcn16 | fcn8
 DATASET = "kitti"                # kitti | cityscapes (official layout; see README "From Cityscapes to KITTI")
 EPOCHS = 50                      # passes over the training split (160 images for KITTI)
 BATCH_SIZE = 8                   # images per step and per process (DDP: total = BATCH_SIZE x processes)
-CROP_SIZE = None                 # training crop, "H" or "H W" pixels; None: the dataset's (KITTI 320, Cityscapes 512 1024)
-BASE_SIZE = None                 # random scaling draws the shorter side from 0.5-2.0 x this; None: the dataset's frame height
+CROP_SIZE = None                 # training crop, H or (H, W) pixels; None: KITTI 320x320, Cityscapes 512x1024
+BASE_SIZE = None                 # scaling draws the shorter side from 0.5-2.0 x this; None: the frame height
 LR = 0.01                        # peak SGD learning rate, reached after warm-up (not scaled with DDP)
 MOMENTUM = 0.9                   # SGD momentum
 WEIGHT_DECAY = 1e-4              # L2 on convolution weights (not on BatchNorm, biases or the x2 upsampling)
@@ -119,8 +119,9 @@ def validate_args(args: argparse.Namespace) -> None:
               ("--poly-power", args.poly_power, args.poly_power >= 0, "0 or more, e.g. 0.9"),
               ("--log-every", args.log_every, args.log_every >= 1, "at least 1"),
               ("--cache-gb", args.cache_gb, args.cache_gb is None or args.cache_gb >= 0, "0 (off) or more"),
-              ("--crop-size", args.crop_size, args.crop_size is None or (len(args.crop_size) <= 2 and
-                                                                   min(args.crop_size) >= 32), "H or H W, each at least 32"),
+              ("--crop-size", args.crop_size,
+               args.crop_size is None or (len(args.crop_size) <= 2 and min(args.crop_size) >= 32),
+               "H or H W, each at least 32"),
               ("--base-size", args.base_size, args.base_size is None or args.base_size >= 32, "at least 32"),
               ("--workers", args.workers, args.workers == "auto" or (args.workers.isdigit()), "auto or 0 or more"))
     for flag, value, ok, expected in checks:
@@ -191,7 +192,8 @@ def initialise_from(model: torch.nn.Module, args: argparse.Namespace, num_classe
     if unexpected:
         raise UserError(f"{args.init_from}: a {state['arch']} cannot initialise a coarser {args.arch}")
     if missing:
-        return f"initialised from {args.init_from} ({state['arch']}); new layers: {sorted({k.split('.')[0] for k in missing})}"
+        new_layers = sorted({key.split(".")[0] for key in missing})
+        return f"initialised from {args.init_from} ({state['arch']}); new layers: {new_layers}"
     return f"initialised from {args.init_from}: all weights of its {state['arch']} (fine-tuning)"
 
 

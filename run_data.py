@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 
 import distributed
 from class_weights import class_pixel_counts, class_weights
-from data_preprocessing import (DATASET_DEFAULTS, SegmentationDataset, default_cache_gb, default_split_for, labelled_names,
-                                png_size,
+from data_preprocessing import (DATASET_DEFAULTS, SegmentationDataset, default_cache_gb, default_split_for,
+                                labelled_names, png_size,
                                 train_augmentation, write_split)
 from errors import UserError
 from labels import get_label_set
@@ -30,7 +30,8 @@ class RunData:
     summary: str
 
 
-def run_split(args: argparse.Namespace, ctx: distributed.Context, run_dir: Path, resuming: bool) -> dict[str, list[str]]:
+def run_split(args: argparse.Namespace, ctx: distributed.Context, run_dir: Path,
+              resuming: bool) -> dict[str, list[str]]:
     """The train/val names. A new run takes --split-dir's files or the dataset's default split and writes them
     into the run folder; a resumed run reads them back from there, so a data folder that gained or lost files
     cannot change it."""

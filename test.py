@@ -60,7 +60,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.num_visuals < 0:
         raise UserError(f"--num-visuals {args.num_visuals} is not valid: use 0 or more")
     if any(scale <= 0 for scale in args.scales):
-        raise UserError(f"--scales {' '.join(map(str, args.scales))} is not valid: use positive factors, e.g. 0.75 1 1.25")
+        shown = " ".join(map(str, args.scales))
+        raise UserError(f"--scales {shown} is not valid: use positive factors, e.g. 0.75 1 1.25")
 
 
 def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict, LabelSet]:

@@ -35,7 +35,8 @@ def cityscapes_root(tmp_path_factory) -> Path:
     city, stem = REAL_VAL.split("/")
     (root / "leftImg8bit" / "val" / city).mkdir(parents=True, exist_ok=True)
     (root / "gtFine" / "val" / city).mkdir(parents=True, exist_ok=True)
-    shutil.copy(KITTI_SAMPLE / "training" / "image_2" / name, root / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png")
+    shutil.copy(KITTI_SAMPLE / "training" / "image_2" / name,
+                root / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png")
     label = cv2.imread(str(KITTI_SAMPLE / "training" / "semantic" / name), cv2.IMREAD_UNCHANGED)
     cv2.imwrite(str(root / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png"), label)
     cv2.imwrite(str(root / "gtFine" / "val" / city / f"{stem}_gtFine_instanceIds.png"), label.astype(np.uint16))
@@ -78,7 +79,8 @@ def test_official_script_finds_and_scores_test_py_predictions_like_metrics_json(
     ours = json.loads((out / "metrics.json").read_text())
     theirs = official_evaluation(root, out / "pred_labelIds")
     assert ours["num_images"] == 4 and ours["dataset"] == "cityscapes"  # the real 375 x 1242 frame among them
-    assert cv2.imread(str(out / "pred_labelIds" / "munster_000000_000019.png"), cv2.IMREAD_UNCHANGED).shape == (375, 1242)
+    real = cv2.imread(str(out / "pred_labelIds" / "munster_000000_000019.png"), cv2.IMREAD_UNCHANGED)
+    assert real.shape == (375, 1242)
     assert ours["benchmark_mIoU"] == pytest.approx(theirs["averageScoreClasses"], abs=1e-6)
     for name, iou in ours["class_iou"].items():
         official = theirs["classScores"][name]

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine
 import main
 from conftest import train_argv
 from errors import UserError
@@ -126,7 +125,8 @@ def test_ctrl_c_during_validation_saves_the_finished_epoch_and_resumes_exactly_o
     assert saved["epoch"] == 1 and saved["progress"]["step"] == 0 and len(saved["history"]) == 1
     monkeypatch.setattr(main, "evaluate", real_evaluate)
     for folder in ("image_2", "semantic"):  # the data folder gains an image: the default split would change
-        shutil.copy(writable_tree / "training" / folder / "000000_10.png", writable_tree / "training" / folder / "new.png")
+        folder = writable_tree / "training" / folder
+        shutil.copy(folder / "000000_10.png", folder / "new.png")
     main.train(main.parse_args(["--resume", str(run / "last.pt")]))
     assert_same_weights(final_weights(run), final_weights(trained_run))
     assert_same_history(history_without_timings(run), history_without_timings(trained_run))
