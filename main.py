@@ -164,7 +164,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
-            plain_conv = type(module) in (torch.nn.Conv2d,) and name == "weight"
+            plain_conv = type(module) is torch.nn.Conv2d and name == "weight"
             (decay if plain_conv else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -325,6 +325,8 @@ def shared_run_dir(args: argparse.Namespace, ctx: distributed.Context, resuming:
     if isinstance(outcome, UserError):
         raise outcome
     return outcome
+
+
 class TrainingRun:
     """Everything one run holds between epochs, and the steps of an epoch: train, validate, record, save."""
 
@@ -383,26 +385,29 @@ class TrainingRun:
                                    self.amp_dtype, show=self.ctx.is_main)
         return confusion, loss, time.perf_counter() - start
 
-    def record(self, epoch: int, confusion, val_loss: float, val_seconds: float) -> None:
-        """Rank 0: the epoch's row of metrics.csv, last.pt (and best.pt) on the background writer, a log line."""
+    def record(self, epoch: int, trained: EpochProgress, confusion, val_loss: float, val_seconds: float) -> None:
+        """Rank 0: the epoch's row of metrics.csv (from ``trained``, the finished epoch's progress), last.pt (and
+        best.pt) on the background writer, a log line."""
         report = evaluation_report(confusion.matrix, self.label_set)
         if math.isnan(report["benchmark_mIoU"]):
             raise UserError(f"{self.args.data_root}: the validation images hold no pixel of the 19 benchmark classes "
                             "(every label is ignored or void), so no model can be scored; check the val labels")
-        self.history.append(epoch_record(epoch + 1, self.optimizer.param_groups[0]["lr"], self.progress, val_loss,
+        self.history.append(epoch_record(epoch + 1, self.optimizer.param_groups[0]["lr"], trained, val_loss,
                                          report, val_seconds, self.ctx.device))
         is_best = report["benchmark_mIoU"] > self.best_miou
         self.best_miou = max(self.best_miou, report["benchmark_mIoU"])
-        self.progress = EpochProgress()
         self.checkpoints.submit(self.snapshot(epoch + 1), self.run_dir / "last.pt",
                                 self.run_dir / "best.pt" if is_best else None)
         self.history_writer.write(self.history, final=epoch + 1 == self.args.epochs)
         print(epoch_line(self.history[-1], self.args.epochs, is_best), flush=True)
 
-    def save_and_exit(self, epoch: int, where: str) -> None:
+    def save_and_exit(self, epoch: int, where: str, mid_epoch: bool) -> None:
+        """Exit with status 130 once last.pt holds the state: written now if the stop came inside an epoch;
+        after one, ``record`` has already handed that epoch's state to the background writer."""
         if self.ctx.is_main:
             self.checkpoints.wait()
-            save_checkpoint(self.snapshot(epoch), self.run_dir / "last.pt")
+            if mid_epoch:
+                save_checkpoint(self.snapshot(epoch), self.run_dir / "last.pt")
             self.history_writer.write(self.history, final=True)
             print(f"\ninterrupted: saved {self.run_dir / 'last.pt'} {where}; continue with: python main.py --resume "
                   f"{self.run_dir / 'last.pt'}", flush=True)
@@ -419,12 +424,12 @@ class TrainingRun:
                     raise UserError(f"aborted by a second interrupt; {self.run_dir / 'last.pt'} holds the last "
                                     "saved state") from None
                 if result is None:
-                    self.save_and_exit(epoch, f"at epoch {epoch + 1} step {self.progress.step}")
+                    self.save_and_exit(epoch, f"at epoch {epoch + 1} step {self.progress.step}", mid_epoch=True)
+                trained, self.progress = self.progress, EpochProgress()
                 if self.ctx.is_main:
-                    self.record(epoch, *result)
-                self.progress = EpochProgress()
+                    self.record(epoch, trained, *result)
                 if stop.agreed() and epoch + 1 < self.args.epochs:
-                    self.save_and_exit(epoch + 1, f"after epoch {epoch + 1}")
+                    self.save_and_exit(epoch + 1, f"after epoch {epoch + 1}", mid_epoch=False)
 
 
 def train(args: argparse.Namespace) -> Path:

@@ -136,9 +136,7 @@ def run_split_names(args, state: dict, dataset: str, root: Path) -> list[str]:
     return labelled_names(dataset, root, args.split, split_dir)
 
 
-def evaluate_split(args, model, state, label_set, device, writer) -> dict:
-    dataset_name = state["config"].get("dataset", "kitti")
-    root = args.data_root or Path(state["config"]["data_root"])
+def evaluate_split(args, model, state, label_set, device, writer, dataset_name: str, root: Path) -> dict:
     names = run_split_names(args, state, dataset_name, root)
     dataset = SegmentationDataset(dataset_name, root, names, label_set)
     loader = DataLoader(dataset, 1, num_workers=args.workers, pin_memory=device.type == "cuda")
@@ -200,6 +198,7 @@ def run(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     model, state, label_set = load_model(args.checkpoint, device)
     dataset_name = state["config"].get("dataset", "kitti")
+    root = args.data_root or Path(state["config"]["data_root"])
     args.out = args.out or args.checkpoint.parent / f"test_{args.images.stem if args.images else args.split}"
     if args.images is not None and is_video(args.images):
         return predict_video(args, model, label_set, device)
@@ -207,9 +206,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.images is not None:
         return predict_images(args, model, ImageList(list_images(args.images)), device, writer)
     if args.split == "test":
-        root = args.data_root or Path(state["config"]["data_root"])
         return predict_images(args, model, ImageList(list_test_images(dataset_name, root)), device, writer)
-    return evaluate_split(args, model, state, label_set, device, writer)
+    return evaluate_split(args, model, state, label_set, device, writer, dataset_name, root)
 
 
 def main(argv: list[str] | None = None) -> None:
