@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.models.segmentation import fcn_resnet50
 
-from data_preprocessing import DATASET_DEFAULTS, KittiSemantics, list_labelled, train_augmentation
+from augmentation import DATASET_DEFAULTS, train_augmentation
+from data_preprocessing import KittiSemantics, list_labelled
 from export import LabelIdNet, export_program, save_onnx
 from labels import get_label_set
-from main import BATCH_SIZE, WORKERS, worker_count
+from main import BATCH_SIZE, DEMO_SCENE_SIZE, WORKERS, worker_count
 from model import ARCHS, ResNet18Trunk, build_model
 from samplers import SeededTrainSampler
 from synthetic_kitti import write_synthetic_kitti
@@ -151,14 +152,20 @@ def loader_images_per_second(args) -> float:
     write_synthetic_kitti(root, num_train=32, seed=0)
     names = list_labelled(root) * 8
     dataset = KittiSemantics(root, names, transform=train_augmentation(tuple(args.crop_size)), cache=True)
-    sampler = SeededTrainSampler(len(dataset), seed=0)
-    loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
-                        persistent_workers=args.workers > 0)
     log(f"data pipeline, {args.workers} workers")
+    return loader_rate(dataset, args.batch_size, args.workers, timed_epochs=2)
+
+
+def loader_rate(dataset, batch_size: int, workers: int, timed_epochs: int) -> float:
+    """Images/s of main.py's training DataLoader over ``dataset``: one epoch starts the workers, then
+    ``timed_epochs`` epochs are timed."""
+    sampler = SeededTrainSampler(len(dataset), seed=0)
+    loader = DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                        persistent_workers=workers > 0)
     for _ in loader:
         pass
     start, images = time.perf_counter(), 0
-    for epoch in range(1, 3):
+    for epoch in range(1, timed_epochs + 1):
         sampler.set_epoch(epoch)
         images += sum(len(batch[0]) for batch in loader)
     return images / (time.perf_counter() - start)
@@ -178,22 +185,16 @@ def cityscapes_loading(args, num_scenes: int = 24) -> dict:
                                   train_augmentation(defaults["crop_size"], defaults["base_size"]), cache=False)
     result = {}
     for workers in (args.workers, 2 * args.workers):
-        sampler = SeededTrainSampler(len(dataset), seed=0)
-        loader = DataLoader(dataset, 8, sampler=sampler, num_workers=workers, drop_last=True, persistent_workers=True)
         log(f"Cityscapes loader, {workers} workers")
-        for _ in loader:
-            pass
-        start, images = time.perf_counter(), 0
-        sampler.set_epoch(1)
-        images += sum(len(batch[0]) for batch in loader)
-        result[f"cityscapes_loader_img_per_s_{workers}_workers"] = images / (time.perf_counter() - start)
+        result[f"cityscapes_loader_img_per_s_{workers}_workers"] = loader_rate(dataset, 8, workers, timed_epochs=1)
     device = torch.device(args.device)
     step = Case(build_model("fcn16", 19, pretrained=False), 8, defaults["crop_size"], device, device.type == "cuda",
                 train=True)
     log("FCN-16s train step, 8x512x1024")
     step_seconds = statistics.median([seconds(step, device) for _ in range(args.warmup + 3)][args.warmup:])
     result["cityscapes_step_img_per_s"] = 8 / step_seconds
-    result["cityscapes_loader_over_step"] = result[f"cityscapes_loader_img_per_s_{args.workers}_workers"] / (8 / step_seconds)
+    loader = result[f"cityscapes_loader_img_per_s_{args.workers}_workers"]
+    result["cityscapes_loader_over_step"] = loader / result["cityscapes_step_img_per_s"]
     return result
 
 
@@ -245,11 +246,11 @@ def wall_over_compute(args, epochs: int = 6) -> dict:
     import subprocess
     half = args.device == "cpu"
     root = Path(tempfile.mkdtemp(prefix="bench-wall-"))
-    write_synthetic_kitti(root / "data", num_train=30, seed=0, size=(188, 620) if half else None)
+    write_synthetic_kitti(root / "data", num_train=30, seed=0, size=DEMO_SCENE_SIZE if half else None)
     command = [sys.executable, str(Path(__file__).with_name("main.py")), "--no-pretrained", "--device", args.device,
                "--data-root", str(root / "data"), "--out", str(root / "run"), "--epochs", str(epochs), "--workers",
                str(args.workers), "--batch-size", "4" if half else str(args.batch_size)]
-    command += ["--crop-size", "160", "--base-size", "188"] if half else []
+    command += ["--crop-size", "160", "--base-size", str(DEMO_SCENE_SIZE[0])] if half else []
     log(f"a {epochs}-epoch main.py run on {root / 'data'}")
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)

@@ -1,8 +1,8 @@
-"""Files on disk -> (image, label) tensors for KITTI semantics and Cityscapes: reading, checks, splits,
-augmentation, cache.
+"""Files on disk -> (image, label) tensors for KITTI semantics and Cityscapes: reading, checks, splits, cache.
+The training augmentation applied to those tensors is in augmentation.py.
 
 One small reader ("layout") per on-disk layout, chosen in one place (``get_layout``) from a dataset name;
-everything after it (``SegmentationDataset``, splits, augmentation) is the same for both. Label ids are
+everything after it (``SegmentationDataset``, splits) is the same for both. Label ids are
 Cityscapes ids in both datasets, so ``labels.py`` stays the only table::
 
     kitti        ROOT/training/image_2/000000_10.png     RGB images
@@ -42,8 +42,6 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from errors import UserError
 from labels import IGNORE_INDEX, VALID_IDS, LabelSet, get_label_set
@@ -57,12 +55,6 @@ CITYSCAPES_HELP = ("expected ROOT/leftImg8bit/{train,val,test}/<city>/<city>_<se
                    "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip); pass --data-root PATH")
 CITYSCAPES_IMAGE, CITYSCAPES_LABEL = "_leftImg8bit.png", "_gtFine_labelIds.png"
 LABELLED_SPLITS = ("train", "val", "trainval")
-# Training augmentation per dataset: shorter side drawn from 0.5-2.0 x base_size, then an (H, W) crop.
-# KITTI frames are 375 pixels high; Cityscapes frames 1024 (mmsegmentation's Cityscapes recipe: 512 x 1024).
-DATASET_DEFAULTS = {
-    "kitti": {"base_size": 375, "crop_size": (320, 320)},
-    "cityscapes": {"base_size": 1024, "crop_size": (512, 1024)},
-}
 _ALLOWED_IDS = np.zeros(256, bool)
 _ALLOWED_IDS[VALID_IDS] = True
 _ALLOWED_IDS[IGNORE_INDEX] = True
@@ -294,11 +286,6 @@ def labelled_names(dataset: str, root: Path, split: str, split_dir: Path | None 
     return names
 
 
-def resolve_split(root: Path, split: str, split_dir: Path | None = None) -> list[str]:
-    """KITTI's ``labelled_names``: the fixed 80/20 split, or ``split_dir/<split>.txt``."""
-    return labelled_names("kitti", root, split, split_dir)
-
-
 def write_split(split: dict[str, list[str]], folder: Path) -> None:
     """Write ``train.txt`` and ``val.txt`` (one name a line) that ``--split-dir`` can read back."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -309,65 +296,6 @@ def write_split(split: dict[str, list[str]], folder: Path) -> None:
 def list_test_images(dataset: str, root: Path) -> list[tuple[str, Path]]:
     """``(name, path)`` of the unlabelled test split: KITTI testing/image_2, Cityscapes leftImg8bit/test."""
     return get_layout(dataset).test_images(Path(root))
-
-
-# --- augmentation ------------------------------------------------------------------------------------------
-class RandomScaleCrop(v2.Transform):
-    """``RandomResize`` (shorter side to a random length in scale_range x base_size, both ends included)
-    then an (H, W) ``RandomCrop`` with padding, done the cheap way round: the crop window is chosen in the
-    original image and only its part inside the image is resized, then padded. Resizing the whole KITTI
-    image by up to 2x first cost 6.4 ms a sample against 3.1 ms this way (one core, one run), and on a GPU
-    the loader was the bottleneck. ``base_size=None`` scales each image's own shorter side.
-
-    Padding is 0 for images and 255 (ignore) for masks. Images are resized bilinearly with centred pixels;
-    masks with ``NEAREST_EXACT``, which samples the same centres. Plain ``NEAREST`` floors ``x * in / out``
-    and lags the image by half an output pixel (up to a whole one: see the test).
-    """
-
-    def __init__(self, size: int | tuple[int, int], base_size: int | None, scale_range: tuple[float, float]):
-        super().__init__()
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.base_size, self.scale_range = base_size, scale_range
-
-    def make_params(self, flat_inputs: list) -> dict:
-        height, width = TF.get_size(next(x for x in flat_inputs if isinstance(x, tv_tensors.Image)))
-        base = self.base_size or min(height, width)
-        low, high = int(self.scale_range[0] * base), int(self.scale_range[1] * base)
-        short_side = int(torch.randint(low, high + 1, ()))  # randint excludes its upper bound
-        scale = short_side / min(height, width)
-        window_h, window_w = (max(1, round(s / scale)) for s in self.size)  # the crop's extent in original pixels
-        top = int(torch.randint(min(0, height - window_h), max(0, height - window_h) + 1, ()))
-        left = int(torch.randint(min(0, width - window_w), max(0, width - window_w) + 1, ()))
-        return {"top": top, "left": left, "height": window_h, "width": window_w, "short_side": short_side}
-
-    def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
-        """Resize the part of the window inside the image, then pad it to ``size`` in output pixels."""
-        top, left, window_h, window_w = params["top"], params["left"], params["height"], params["width"]
-        height, width = TF.get_size(inpt)
-        y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + window_h, height), min(left + window_w, width)
-        (size_h, size_w), zoom_y, zoom_x = self.size, self.size[0] / window_h, self.size[1] / window_w
-        pad_top, pad_left = round((y0 - top) * zoom_y), round((x0 - left) * zoom_x)
-        out_h = min(max(1, round((y1 - y0) * zoom_y)), size_h - pad_top)
-        out_w = min(max(1, round((x1 - x0) * zoom_x)), size_w - pad_left)
-        is_mask = isinstance(inpt, tv_tensors.Mask)
-        out = TF.resize(TF.crop(inpt, y0, x0, y1 - y0, x1 - x0), [out_h, out_w],
-                        interpolation=InterpolationMode.NEAREST_EXACT if is_mask else InterpolationMode.BILINEAR)
-        padding = [pad_left, pad_top, size_w - out_w - pad_left, size_h - out_h - pad_top]
-        if any(padding):
-            out = TF.pad(out, padding, fill=IGNORE_INDEX if is_mask else 0)
-        return out
-
-
-def train_augmentation(crop_size: int | tuple[int, int], base_size: int | None = 375,
-                       scale_range: tuple[float, float] = (0.5, 2.0)) -> v2.Compose:
-    """Joint image/mask augmentation: random scale (shorter side scale_range x base_size) and an (H, W) crop
-    (an int is square) with padding (image 0, label 255), horizontal flip, mild colour jitter (image only).
-    ``DATASET_DEFAULTS[dataset]`` holds each dataset's base and crop size."""
-    return v2.Compose([
-        RandomScaleCrop(crop_size, base_size, scale_range),
-        v2.RandomHorizontalFlip(),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-    ])
 
 
 # --- datasets ----------------------------------------------------------------------------------------------

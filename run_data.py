@@ -1,6 +1,6 @@
 """The data side of a training run: which images (the split, kept in the run folder), the two loaders, and
 the class weights of the loss. main.py calls ``make_loaders`` once; what differs between datasets lives in
-data_preprocessing.py's layouts and ``DATASET_DEFAULTS``."""
+data_preprocessing.py's layouts and augmentation.py's ``DATASET_DEFAULTS``."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader
 
 import distributed
 from class_weights import class_pixel_counts, class_weights
-from data_preprocessing import (DATASET_DEFAULTS, SegmentationDataset, default_cache_gb, default_split_for,
-                                labelled_names, png_size,
-                                train_augmentation, write_split)
+from augmentation import DATASET_DEFAULTS, train_augmentation
+from data_preprocessing import (SegmentationDataset, default_cache_gb, default_split_for, labelled_names, png_size,
+                                write_split)
 from errors import UserError
 from labels import get_label_set
 from samplers import SeededTrainSampler, ShapeBatchSampler
