@@ -355,17 +355,25 @@ class SegmentationDataset(Dataset):
             return self._cache[index][1]
         return self.label_set.id_to_class[read_label(self.paths[index][1], self.layout.label_hint)]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index, seed = key if isinstance(key, tuple) else (key, None)
+    def pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The untransformed ``(uint8 image (3, H, W), uint8 label (H, W))`` of one image."""
         image, label = self._cache[index] if self._cache is not None else self._load(index)
-        image = torch.from_numpy(image).permute(2, 0, 1)
-        label = torch.from_numpy(label)
+        return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(label)
+
+    def augment(self, image: torch.Tensor, label: torch.Tensor, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``transform`` applied to one pair on whatever device it is on. Its random parameters come from the CPU
+        generator seeded with ``seed`` (the caller's global generator is left as it was), so a sample is augmented
+        the same way in a DataLoader worker and on the GPU (see resident_batches.py)."""
         if self.transform is not None:
             with torch.random.fork_rng(devices=[]):
                 if seed is not None:
-                    torch.manual_seed(seed)
+                    torch.default_generator.manual_seed(seed)
                 image, label = self.transform(tv_tensors.Image(image), tv_tensors.Mask(label))
         return image.as_subclass(torch.Tensor).contiguous(), label.as_subclass(torch.Tensor).contiguous()
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        return self.augment(*self.pair(index), seed)
 
 
 class KittiSemantics(SegmentationDataset):

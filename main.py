@@ -24,6 +24,7 @@ OUT_DIR = None                   # run folder; None -> runs/<arch>-<date>-<time>
 SEED = 0                         # shuffling, augmentation and initialisation (the train/val split is fixed)
 AMP = True                       # CUDA only: bf16 autocast where supported, else fp16 with loss scaling
 WORKERS = "auto"                 # DataLoader processes per training process; auto: from the CPU count
+AUGMENT_ON = "auto"              # workers | device (images kept on the GPU, augmented there) | auto: device if they fit
 PRETRAINED = True                # ImageNet ResNet18 trunk (downloaded once, or --backbone-weights PATH)
 CACHE_GB = None                  # keep decoded images in memory up to this size; None: half the free memory; 0: off
 LOG_EVERY = 10                   # steps between loss read-backs / progress lines
@@ -55,7 +56,7 @@ from stop_signal import StopRequest  # noqa: E402
 
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
                   "val_seconds", "peak_gpu_mb")
-RESUMABLE_FLAGS = {"resume", "device", "workers", "data_root"}  # what --resume may change: where, not what
+RESUMABLE_FLAGS = {"resume", "device", "workers", "augment_on", "data_root"}  # --resume may change where, not what
 CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at the end): matplotlib is slow
 
 
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-size", type=int, default=BASE_SIZE, help="scaling reference (default: the dataset's)")
     p.add_argument("--workers", default=WORKERS, help="DataLoader processes per training process, or auto "
                    "(default %(default)s)")
+    p.add_argument("--augment-on", default=AUGMENT_ON, choices=("auto", "workers", "device"),
+                   help="where training crops are made: loader workers, or the training device from images kept there "
+                   "(auto: the GPU when the cached images fit in a quarter of its free memory; default %(default)s)")
     p.add_argument("--label-set", default=LABEL_SET, choices=("train", "full"), help="(default %(default)s)")
     p.add_argument("--class-weights", default=CLASS_WEIGHTS, choices=("none", "median-freq", "log"),
                    help="class balancing of the cross-entropy (default %(default)s)")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 
 import distributed
 from class_weights import class_pixel_counts, class_weights
@@ -18,13 +18,14 @@ from data_preprocessing import (SegmentationDataset, default_cache_gb, default_s
                                 write_split)
 from errors import UserError
 from labels import get_label_set
+from resident_batches import ResidentBatches, fits_on_device
 from samplers import SeededTrainSampler, ShapeBatchSampler
 
 
 @dataclass
 class RunData:
-    train_loader: DataLoader
-    val_loader: DataLoader
+    train_loader: DataLoader | ResidentBatches
+    val_loader: DataLoader | ResidentBatches
     sampler: SeededTrainSampler
     class_weights: torch.Tensor | None
     summary: str
@@ -72,6 +73,17 @@ def describe_cache(dataset: SegmentationDataset, name: str) -> str:
     return f"{name} {where} ({dataset.decoded_gb:.2f} GB decoded, budget {dataset.cache_budget_gb:.1f} GB)"
 
 
+def augmentation_place(choice: str, device: torch.device, datasets: list[SegmentationDataset]) -> str:
+    """Where training samples are augmented: 'workers' (DataLoader processes) or 'device' (the training device,
+    from images resident there). auto: the device when it is a GPU and the cached images fit it."""
+    if choice == "auto":
+        return "device" if fits_on_device(datasets, device) else "workers"
+    if choice == "device" and not all(d.cached for d in datasets):
+        raise UserError("--augment-on device needs the images cached in memory, and they are not (see --cache-gb); "
+                        "use --augment-on workers, or a larger --cache-gb")
+    return choice
+
+
 def make_loaders(args: argparse.Namespace, ctx: distributed.Context, run_dir: Path, workers: int,
                  state: dict | None = None) -> RunData:
     """Training loader (seeded sampler, augmentation) and validation loader (full images batched by size, each
@@ -90,15 +102,22 @@ def make_loaders(args: argparse.Namespace, ctx: distributed.Context, run_dir: Pa
                         f"({args.batch_size} x {ctx.world_size} processes); lower --batch-size")
     weights = loss_weights(train_set, args.class_weights, state)
     sampler = SeededTrainSampler(len(train_set), args.seed, ctx.rank, ctx.world_size)
-    common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
-    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **common)
     sizes = [png_size(image) for image, _ in val_set.paths]
     # batches help a GPU; on the CPU one full-size image at a time measured faster (1.25 vs 1.26-1.6 x forwards)
-    val_batch = args.batch_size if ctx.device.type == "cuda" else 1
-    val_batches = ShapeBatchSampler(sizes, val_batch, ctx.rank, ctx.world_size)
-    val_loader = DataLoader(val_set, batch_sampler=val_batches, **common)
+    val_batches = ShapeBatchSampler(sizes, args.batch_size if ctx.device.type == "cuda" else 1, ctx.rank,
+                                    ctx.world_size)
+    train_batches = BatchSampler(sampler, args.batch_size, drop_last=True)
+    if augmentation_place(args.augment_on, ctx.device, [train_set, val_set]) == "device":
+        train_loader, val_loader = (ResidentBatches(train_set, train_batches, ctx.device),
+                                    ResidentBatches(val_set, val_batches, ctx.device))
+        where = f"images resident on {ctx.device}, augmented there"
+    else:
+        common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
+        train_loader = DataLoader(train_set, batch_sampler=train_batches, **common)
+        val_loader = DataLoader(val_set, batch_sampler=val_batches, **common)
+        where = f"{workers} loader workers"
     summary = (f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, crop {crop[0]}x{crop[1]}, "
-               f"{workers} loader workers; {describe_cache(train_set, 'train')}, {describe_cache(val_set, 'val')}")
+               f"{where}; {describe_cache(train_set, 'train')}, {describe_cache(val_set, 'val')}")
     if weights is not None:
         summary += f"\nclass weights ({args.class_weights}): " + " ".join(
             f"{name} {w:.2f}" for name, w in zip(label_set.class_names, weights.tolist()))
