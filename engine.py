@@ -134,11 +134,33 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor,
     Dividing by hand keeps a crop that is all ignore finite (PyTorch's mean would be 0/0); with class
     weights, the divisor is the sum of the valid pixels' weights, as in PyTorch's weighted mean.
     """
-    loss = F.cross_entropy(logits, target, weight=class_weights, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = nll_sum(F.log_softmax(logits, dim=1), target, class_weights)
     valid = target != IGNORE_INDEX
     if class_weights is None:
         return loss / valid.sum().clamp(min=1)
-    return loss / class_weights[target[valid]].sum().clamp(min=1e-12)
+    pixel_weights = torch.where(valid, class_weights[target.masked_fill(~valid, 0)], 0)  # no host sync
+    return loss / pixel_weights.sum().clamp(min=1e-12)
+
+
+def nll_sum(log_probabilities: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+            elementwise: bool | None = None) -> torch.Tensor:
+    """Summed negative log-likelihood of ``target`` (N, H, W) under (N, C, H, W) ``log_probabilities``, pixels
+    equal to IGNORE_INDEX left out, each pixel weighted by ``weight[its class]`` if given.
+
+    ``elementwise`` (default: on CUDA with deterministic algorithms on) picks each pixel's term with a one-hot
+    product and sums it: the same value to rounding, but deterministic, where CUDA's ``nll_loss`` accumulates
+    with atomics and refuses to run under ``torch.use_deterministic_algorithms``.
+    """
+    if elementwise is None:
+        elementwise = log_probabilities.is_cuda and torch.are_deterministic_algorithms_enabled()
+    if not elementwise:
+        return F.nll_loss(log_probabilities, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    classes = torch.arange(log_probabilities.shape[1], device=target.device).view(1, -1, 1, 1)
+    # where, not a product with the one-hot mask: a -inf log-probability (an underflowed TTA average) times 0 is NaN
+    picked = torch.where(target.unsqueeze(1) == classes, log_probabilities, 0).sum(1)  # ignored pixels: 0
+    if weight is not None:
+        picked = picked * weight[target.masked_fill(target == IGNORE_INDEX, 0)]
+    return -picked.sum()
 
 
 def class_map(scores: torch.Tensor) -> torch.Tensor:
@@ -186,7 +208,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, a
     for batch_index, (images, labels) in enumerate(loader):
         log_probabilities = predict(model, images, device, amp_dtype, **predict_options)
         target = labels.to(device, non_blocking=True).long()
-        loss_and_count[0] += F.nll_loss(log_probabilities, target, ignore_index=IGNORE_INDEX, reduction="sum")
+        loss_and_count[0] += nll_sum(log_probabilities, target)
         loss_and_count[1] += (target != IGNORE_INDEX).sum()
         prediction = class_map(log_probabilities)
         confusion.update(prediction, target)

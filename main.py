@@ -23,6 +23,7 @@ DATA_ROOT = "data/data_semantics"  # KITTI: folder holding training/ and testing
 OUT_DIR = None                   # run folder; None -> runs/<arch>-<date>-<time>; never overwritten
 SEED = 0                         # shuffling, augmentation and initialisation (the train/val split is fixed)
 AMP = True                       # CUDA only: bf16 autocast where supported, else fp16 with loss scaling
+DETERMINISTIC = False            # CUDA: deterministic kernels, a resumed run bit-identical to an unbroken one; slower
 WORKERS = "auto"                 # DataLoader processes per training process; auto: from the CPU count
 AUGMENT_ON = "auto"              # workers | device (images kept on the GPU, augmented there) | auto: device if they fit
 PRETRAINED = True                # ImageNet ResNet18 trunk (downloaded once, or --backbone-weights PATH)
@@ -45,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 import distributed  # noqa: E402
 from checkpoint import load_checkpoint, load_model_weights, require_training_state, save_checkpoint  # noqa: E402
 from checkpoint_writer import CheckpointWriter  # noqa: E402
+from determinism import cudnn_autotuning, deterministic_algorithms  # noqa: E402
 from engine import EpochProgress, NonFiniteLoss, evaluate, train_one_epoch  # noqa: E402
 from errors import UserError  # noqa: E402
 from labels import get_label_set  # noqa: E402
@@ -56,7 +58,7 @@ from stop_signal import StopRequest  # noqa: E402
 
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
                   "val_seconds", "peak_gpu_mb")
-RESUMABLE_FLAGS = {"resume", "device", "workers", "augment_on", "data_root"}  # --resume may change where, not what
+RESUMABLE_FLAGS = {"resume", "device", "workers", "augment_on", "data_root", "deterministic"}  # where/how, not what
 CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at the end): matplotlib is slow
 
 
@@ -93,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random trunk instead of ImageNet weights")
     p.add_argument("--backbone-weights", help="ResNet18 ImageNet state_dict file, for machines without internet")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=AMP, help="float32 on CUDA")
+    p.add_argument("--deterministic", action="store_true", default=DETERMINISTIC,
+                   help="CUDA: deterministic kernels only (no cuDNN autotuning), so that a resumed run ends bit-identical "
+                   "to an uninterrupted one; slower (the CPU is always deterministic)")
     p.add_argument("--cache-gb", type=float, default=CACHE_GB, help="memory budget of the decoded-image cache "
                    "(default: half the available memory)")
     p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0.0, help="decode PNGs every epoch")
@@ -338,7 +343,7 @@ class TrainingRun:
         self.args, self.ctx = args, ctx
         self.run_dir = shared_run_dir(args, ctx, resuming=state is not None)
         self.amp_dtype = amp_dtype_for(ctx.device, args.amp)
-        torch.backends.cudnn.benchmark = ctx.device.type == "cuda"
+        torch.backends.cudnn.benchmark = cudnn_autotuning(ctx.device)
         self.data = make_loaders(args, ctx, self.run_dir, worker_count(args.workers, ctx.world_size), state)
         self.model = make_model(args, ctx)
         self.optimizer, self.scheduler = make_optimization(self.model, args, len(self.data.train_loader))
@@ -440,6 +445,12 @@ def train(args: argparse.Namespace) -> Path:
     """The whole job: data, model, epochs of training and validation, checkpoints. Returns the run folder."""
     validate_args(args)
     args, state = load_resume_state(args)
+    with deterministic_algorithms(args.deterministic):
+        return train_from(args, state)
+
+
+def train_from(args: argparse.Namespace, state: dict | None) -> Path:
+    """``train`` after the flags are checked: from scratch, or from a resumed run's ``state``."""
     ctx = distributed.setup(args.device)
     if state is not None and state.get("world_size", 1) != ctx.world_size:
         raise UserError(f"{args.resume}: the run trained with {state.get('world_size', 1)} process(es), this resume "
