@@ -23,6 +23,7 @@ DATA_ROOT = "data/data_semantics"  # KITTI: folder holding training/ and testing
 OUT_DIR = None                   # run folder; None -> runs/<arch>-<date>-<time>; never overwritten
 SEED = 0                         # shuffling, augmentation and initialisation (the train/val split is fixed)
 AMP = True                       # CUDA only: bf16 autocast where supported, else fp16 with loss scaling
+COMPILE = False                  # torch.compile the training step's network (measure first: see docs/results.md)
 DETERMINISTIC = False            # CUDA: deterministic kernels, a resumed run bit-identical to an unbroken one; slower
 WORKERS = "auto"                 # DataLoader processes per training process; auto: from the CPU count
 AUGMENT_ON = "auto"              # workers | device (images kept on the GPU, augmented there) | auto: device if they fit
@@ -58,7 +59,8 @@ from stop_signal import StopRequest  # noqa: E402
 
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
                   "val_seconds", "peak_gpu_mb")
-RESUMABLE_FLAGS = {"resume", "device", "workers", "augment_on", "data_root", "deterministic"}  # where/how, not what
+RESUMABLE_FLAGS = {"resume", "device", "workers", "augment_on", "data_root", "deterministic",
+                   "compile"}  # what --resume may change: where and how it runs, not what it computes
 CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at the end): matplotlib is slow
 
 
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random trunk instead of ImageNet weights")
     p.add_argument("--backbone-weights", help="ResNet18 ImageNet state_dict file, for machines without internet")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=AMP, help="float32 on CUDA")
+    p.add_argument("--compile", action="store_true", default=COMPILE,
+                   help="torch.compile the network for training steps (validation stays eager; default off)")
     p.add_argument("--deterministic", action="store_true", default=DETERMINISTIC,
                    help="CUDA: deterministic kernels only (no cuDNN autotuning), so that a resumed run ends bit-identical "
                    "to an uninterrupted one; slower (the CPU is always deterministic)")
@@ -356,6 +360,8 @@ class TrainingRun:
         if ctx.world_size > 1:
             self.net = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
                                                else None)
+        if args.compile:  # after DDP's wrapper, as PyTorch recommends; checkpoints keep self.model's plain names
+            self.net = torch.compile(self.net)
         self.label_set = get_label_set(args.label_set)
         self.class_weights = None if self.data.class_weights is None else self.data.class_weights.to(ctx.device)
         self.history_writer, self.checkpoints = HistoryWriter(self.run_dir), CheckpointWriter()

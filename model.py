@@ -79,9 +79,12 @@ def upsample2_onto(deconv: nn.ConvTranspose2d, scores: torch.Tensor, skip: torch
     """Learned x2 upsampling of coarse ``scores`` onto the grid of the finer ``skip`` map (cell i on 2i).
 
     One replicated cell on the bottom/right lets the last row and column hold the border value (as
-    ``upsample_aligned`` does) instead of fading to zero; the result is sliced to the skip map's size.
+    ``upsample_aligned`` does) instead of fading to zero; the result is sliced to the skip map's size. The
+    cell is appended by concatenation rather than ``F.pad(mode="replicate")``, whose CUDA backward accumulates
+    with atomics and whose backward torch.compile failed to trace on channels-last tensors (torch 2.14).
     """
-    up = deconv(F.pad(scores, (0, 1, 0, 1), mode="replicate"))
+    scores = torch.cat([scores, scores[..., -1:, :]], dim=-2)
+    up = deconv(torch.cat([scores, scores[..., -1:]], dim=-1))
     return up[..., : skip.shape[-2], : skip.shape[-1]]
 
 
