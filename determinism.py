@@ -15,6 +15,8 @@ from typing import Iterator
 
 import torch
 
+from errors import UserError
+
 
 @contextmanager
 def deterministic_algorithms(enabled: bool) -> Iterator[None]:
@@ -27,6 +29,12 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     torch.use_deterministic_algorithms(True)
     try:
         yield
+    except RuntimeError as error:
+        if "deterministic" not in str(error):
+            raise
+        first_line = str(error).strip().splitlines()[0]
+        raise UserError(f"--deterministic: {first_line} (PyTorch {torch.__version__}); run without "
+                        "--deterministic, which keeps everything exact except the last bits on CUDA") from None
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 

@@ -15,6 +15,7 @@ import main
 from conftest import train_argv
 from determinism import deterministic_algorithms
 from engine import nll_sum
+from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +49,13 @@ def test_deterministic_mode_is_on_inside_the_block_and_restored_after():
     with deterministic_algorithms(True):
         assert torch.are_deterministic_algorithms_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_an_operation_without_a_deterministic_kernel_stops_with_one_line():
+    with pytest.raises(UserError, match="^--deterministic: .*run without --deterministic"):
+        with deterministic_algorithms(True):
+            torch.zeros(3).put_(torch.tensor([0]), torch.tensor([1.0]))  # no deterministic kernel, even on the CPU
     assert not torch.are_deterministic_algorithms_enabled()
 
 

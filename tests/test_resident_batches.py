@@ -52,3 +52,17 @@ def test_augmenting_on_the_device_without_the_cache_is_refused_in_one_line(synth
     with pytest.raises(UserError, match="--augment-on device needs the images cached"):
         main.train(main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--augment-on", "device",
                                               "--no-cache")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_batches_differ_from_the_loaders_only_by_rounding(synthetic_root):
+    """Same crops, flips and jitter factors (drawn on the CPU); only the GPU's interpolation rounds differently."""
+    dataset = SegmentationDataset("kitti", synthetic_root, list_labelled(synthetic_root), cache=1.0,
+                                  transform=train_augmentation(64, 96))
+    batches = BatchSampler(SeededTrainSampler(len(dataset), seed=3), 3, drop_last=True)
+    resident = ResidentBatches(dataset, batches, torch.device("cuda"))
+    for (images, labels), (r_images, r_labels) in zip(DataLoader(dataset, batch_sampler=batches), resident,
+                                                        strict=True):
+        assert r_images.is_cuda and r_images.dtype == torch.uint8
+        assert (r_labels.cpu() == labels).float().mean() > 0.999
+        assert ((r_images.cpu().int() - images.int()).abs() <= 3).float().mean() > 0.999
