@@ -48,9 +48,9 @@ def reference_model(trained_run):
 
 @torch.no_grad()
 def reference(reference_model, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """test.py's way: engine.predict's log-probabilities, argmax, class -> label id. (1, H, W) ids, (1, C, H, W)."""
+    """test.py's way: engine.predict's scores, argmax, class -> label id. (1, H, W) ids, (1, C, H, W) log-probs."""
     model, label_set = reference_model
-    log_probabilities = predict(model, image, torch.device("cpu"))
+    log_probabilities = torch.log_softmax(predict(model, image, torch.device("cpu")), 1)
     return label_set.class_to_id[log_probabilities.argmax(1).numpy()], log_probabilities.numpy()
 
 
