@@ -28,7 +28,7 @@ from typing import Callable
 import onnxruntime
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 from torchvision.models.segmentation import fcn_resnet50
 
 from augmentation import DATASET_DEFAULTS, train_augmentation
@@ -37,6 +37,7 @@ from export import LabelIdNet, export_program, save_onnx
 from labels import get_label_set
 from main import BATCH_SIZE, DEMO_SCENE_SIZE, WORKERS, worker_count
 from model import ARCHS, ResNet18Trunk, build_model
+from resident_batches import ResidentBatches
 from samplers import SeededTrainSampler
 from synthetic_kitti import write_synthetic_kitti
 
@@ -84,13 +85,16 @@ class Case:
             self.optimizer.step()
 
 
-def seconds(step: Callable[[], None], device: torch.device) -> float:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+
+
+def seconds(step: Callable[[], None], device: torch.device) -> float:
+    synchronize(device)
     start = time.perf_counter()
     step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -142,18 +146,37 @@ def time_group(specs: list[tuple], device: torch.device, args) -> tuple[list[dic
     return rows, times
 
 
-def loader_images_per_second(args) -> float:
-    """Images/s out of the training DataLoader (augmentation, default workers) on KITTI-sized synthetic scenes.
+def training_data_rates(args) -> dict:
+    """Images/s of training batches on KITTI-sized synthetic scenes: out of the DataLoader (augmentation in the
+    default number of workers) and as ``--augment-on device`` makes them (ResidentBatches on ``args.device``).
 
     32 scenes are repeated to 256 samples an epoch, so that the per-epoch start of the iterator does not
-    dominate; two epochs are timed after one that starts the workers.
+    dominate; two epochs are timed after one that starts the workers (or warms the device up).
     """
     root = Path(tempfile.mkdtemp(prefix="bench-kitti-"))
     write_synthetic_kitti(root, num_train=32, seed=0)
     names = list_labelled(root) * 8
     dataset = KittiSemantics(root, names, transform=train_augmentation(tuple(args.crop_size)), cache=True)
     log(f"data pipeline, {args.workers} workers")
-    return loader_rate(dataset, args.batch_size, args.workers, timed_epochs=2)
+    loader = loader_rate(dataset, args.batch_size, args.workers, timed_epochs=2)
+    log(f"data pipeline, augmented on {args.device}")
+    return {"loader_img_per_s": loader, "resident_img_per_s": resident_rate(dataset, args.batch_size,
+                                                                             torch.device(args.device), 2)}
+
+
+def resident_rate(dataset, batch_size: int, device: torch.device, timed_epochs: int) -> float:
+    """Images/s of main.py's ``--augment-on device`` batches over ``dataset`` on ``device`` (one epoch of warm-up)."""
+    sampler = SeededTrainSampler(len(dataset), seed=0)
+    batches = ResidentBatches(dataset, BatchSampler(sampler, batch_size, drop_last=True), device)
+    for _ in batches:
+        pass
+    synchronize(device)
+    start, images = time.perf_counter(), 0
+    for epoch in range(1, timed_epochs + 1):
+        sampler.set_epoch(epoch)
+        images += sum(len(batch[0]) for batch in batches)
+    synchronize(device)
+    return images / (time.perf_counter() - start)
 
 
 def loader_rate(dataset, batch_size: int, workers: int, timed_epochs: int) -> float:
@@ -304,8 +327,9 @@ def run(args) -> dict:
     for key, (numerator, denominator) in pairs.items():
         result[key], result[f"{key}_spread"] = paired_ratio(times[numerator], times[denominator])
     fcn16_step_rate = args.batch_size / statistics.median(times[pairs["fcn16_train_over_trunk"][0]])
-    loader_rate = loader_images_per_second(args)
-    result.update(loader_over_step=loader_rate / fcn16_step_rate, loader_img_per_s=loader_rate, rows=rows)
+    rates = training_data_rates(args)
+    result.update(rates, loader_over_step=rates["loader_img_per_s"] / fcn16_step_rate,
+                  resident_over_step=rates["resident_img_per_s"] / fcn16_step_rate, rows=rows)
     result.update(wall_over_compute(args))
     if args.cityscapes:
         result.update(cityscapes_loading(args))
@@ -326,7 +350,7 @@ def print_table(result: dict) -> None:
     for key in RATIOS:
         if key in result:
             print(f"{key:<36}{result[key]:.3f} +- {result[f'{key}_spread']:.3f}")
-    for key in ["loader_over_step", "loader_img_per_s", "wall_over_compute", "wall_seconds", "loop_seconds",
+    for key in ["loader_over_step", "loader_img_per_s", "resident_over_step", "resident_img_per_s", "wall_over_compute", "wall_seconds", "loop_seconds",
                 "largest_full_res_batch_fcn16_bf16"] + [k for k in result if k.startswith("cityscapes_")]:
         if key in result:
             print(f"{key:<36}{result[key]:.3f}" if isinstance(result[key], float) else f"{key:<36}{result[key]}")
