@@ -32,7 +32,8 @@ from torch.utils.data import BatchSampler, DataLoader
 from torchvision.models.segmentation import fcn_resnet50
 
 from augmentation import DATASET_DEFAULTS, train_augmentation
-from data_preprocessing import KittiSemantics, list_labelled
+from data_preprocessing import KittiSemantics
+from layouts import list_labelled
 from export import LabelIdNet, export_program, save_onnx
 from labels import get_label_set
 from main import BATCH_SIZE, DEMO_SCENE_SIZE, WORKERS, worker_count
@@ -198,7 +199,8 @@ def cityscapes_loading(args, num_scenes: int = 24) -> dict:
     """Cityscapes at full size (1024x2048): the loader's img/s, uncached as Cityscapes train is (it decodes to
     ~25 GB), with main.py's worker count and with twice as many, against FCN-16s train steps at the default
     512x1024 crop, batch 8 (bf16 on CUDA)."""
-    from data_preprocessing import SegmentationDataset, default_split_for
+    from data_preprocessing import SegmentationDataset
+    from layouts import default_split_for
     from synthetic_kitti import write_synthetic_cityscapes
     root = Path(tempfile.mkdtemp(prefix="bench-cityscapes-"))
     log(f"writing {num_scenes} synthetic 1024x2048 Cityscapes scenes")
@@ -350,7 +352,8 @@ def print_table(result: dict) -> None:
     for key in RATIOS:
         if key in result:
             print(f"{key:<36}{result[key]:.3f} +- {result[f'{key}_spread']:.3f}")
-    for key in ["loader_over_step", "loader_img_per_s", "resident_over_step", "resident_img_per_s", "wall_over_compute", "wall_seconds", "loop_seconds",
+    for key in ["loader_over_step", "loader_img_per_s", "resident_over_step", "resident_img_per_s",
+                "wall_over_compute", "wall_seconds", "loop_seconds",
                 "largest_full_res_batch_fcn16_bf16"] + [k for k in result if k.startswith("cityscapes_")]:
         if key in result:
             print(f"{key:<36}{result[key]:.3f}" if isinstance(result[key], float) else f"{key:<36}{result[key]}")

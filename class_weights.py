@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_preprocessing import DATASETS, SegmentationDataset, labelled_names
+from data_preprocessing import SegmentationDataset
+from layouts import DATASETS, labelled_names
 from errors import UserError
 
 METHODS = ("none", "median-freq", "log")

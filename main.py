@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", default=COMPILE,
                    help="torch.compile the network for training steps (validation stays eager; default off)")
     p.add_argument("--deterministic", action="store_true", default=DETERMINISTIC,
-                   help="CUDA: deterministic kernels only (no cuDNN autotuning), so that a resumed run ends bit-identical "
-                   "to an uninterrupted one; slower (the CPU is always deterministic)")
+                   help="CUDA: deterministic kernels only (no cuDNN autotuning), so that a resumed run ends "
+                   "bit-identical to an uninterrupted one; slower (the CPU is always deterministic)")
     p.add_argument("--cache-gb", type=float, default=CACHE_GB, help="memory budget of the decoded-image cache "
                    "(default: half the available memory)")
     p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0.0, help="decode PNGs every epoch")

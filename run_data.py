@@ -14,8 +14,8 @@ from torch.utils.data import BatchSampler, DataLoader
 import distributed
 from class_weights import class_pixel_counts, class_weights
 from augmentation import DATASET_DEFAULTS, train_augmentation
-from data_preprocessing import (SegmentationDataset, default_cache_gb, default_split_for, labelled_names, png_size,
-                                write_split)
+from data_preprocessing import SegmentationDataset, default_cache_gb, png_size
+from layouts import default_split_for, labelled_names, write_split
 from errors import UserError
 from labels import get_label_set
 from resident_batches import ResidentBatches, fits_on_device

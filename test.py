@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from checkpoint import load_checkpoint, load_model_weights
-from data_preprocessing import ImageList, SegmentationDataset, labelled_names, list_test_images
+from data_preprocessing import ImageList, SegmentationDataset
+from layouts import labelled_names, list_test_images
 from distributed import pick_device
 from engine import ProgressLine, class_map, evaluate, predict
 from errors import UserError

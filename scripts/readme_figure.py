@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from augmentation import train_augmentation  # noqa: E402
-from data_preprocessing import KittiSemantics, list_labelled  # noqa: E402
+from data_preprocessing import KittiSemantics
+from layouts import list_labelled  # noqa: E402
 from labels import colorize, get_label_set  # noqa: E402
 
 SAMPLE = ROOT / "tests" / "data" / "kitti-sample"

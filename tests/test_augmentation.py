@@ -6,7 +6,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from augmentation import DATASET_DEFAULTS, RandomScaleCrop, train_augmentation
-from data_preprocessing import DATASETS, KittiSemantics, list_labelled
+from data_preprocessing import KittiSemantics
+from layouts import DATASETS, list_labelled
 from samplers import SeededTrainSampler
 
 

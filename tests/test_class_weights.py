@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from class_weights import class_pixel_counts, class_weights, rarest_class
-from data_preprocessing import KittiSemantics, list_labelled
+from data_preprocessing import KittiSemantics
+from layouts import list_labelled
 from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,10 @@ import data_preprocessing
 import labels
 from augmentation import train_augmentation
 from conftest import KITTI_SAMPLE
-from data_preprocessing import (DATASETS, ImageList, KittiSemantics, SegmentationDataset, check_tree, default_cache_gb,
-                                default_split, default_split_for, estimate_decoded_bytes, labelled_names, list_labelled,
-                                list_test_images, write_split)
+from data_preprocessing import (ImageList, KittiSemantics, SegmentationDataset, check_tree, default_cache_gb,
+                                estimate_decoded_bytes)
+from layouts import (DATASETS, default_split, default_split_for, labelled_names, list_labelled, list_test_images,
+                     write_split)
 from errors import UserError
 from synthetic_kitti import KITTI_SIZES, make_scene, write_synthetic_cityscapes, write_synthetic_kitti
 

@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
-from data_preprocessing import KittiSemantics, list_labelled
+from data_preprocessing import KittiSemantics
+from layouts import list_labelled
 from engine import evaluate
 from model import build_model
 from samplers import ShardSampler

@@ -30,7 +30,8 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def test_small_model_overfits_one_synthetic_batch(synthetic_root):
-    from data_preprocessing import KittiSemantics, list_labelled, normalize
+    from data_preprocessing import KittiSemantics, normalize
+    from layouts import list_labelled
     dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root)[:2])
     images = normalize(torch.stack([dataset[i][0] for i in range(2)]))
     target = torch.stack([dataset[i][1] for i in range(2)]).long()

@@ -6,7 +6,8 @@ from torch.utils.data import BatchSampler, DataLoader
 import main
 from augmentation import train_augmentation
 from conftest import train_argv
-from data_preprocessing import SegmentationDataset, list_labelled, png_size
+from data_preprocessing import SegmentationDataset, png_size
+from layouts import list_labelled
 from errors import UserError
 from resident_batches import ResidentBatches
 from samplers import SeededTrainSampler, ShapeBatchSampler
@@ -34,7 +35,8 @@ def test_training_batches_equal_the_loaders_also_from_mid_epoch(synthetic_root):
 def test_validation_batches_equal_the_loaders(synthetic_root):
     dataset = SegmentationDataset("kitti", synthetic_root, list_labelled(synthetic_root), cache=1.0)
     batches = ShapeBatchSampler([png_size(image) for image, _ in dataset.paths], 4)
-    assert_same_batches(DataLoader(dataset, batch_sampler=batches), ResidentBatches(dataset, batches, torch.device("cpu")))
+    resident = ResidentBatches(dataset, batches, torch.device("cpu"))
+    assert_same_batches(DataLoader(dataset, batch_sampler=batches), resident)
 
 
 def test_a_run_augmenting_on_the_device_ends_with_the_loader_runs_weights(synthetic_root, trained_run, tmp_path):

@@ -46,7 +46,8 @@ def test_batched_validation_equals_one_image_at_a_time(synthetic_root):
     import torch
     from torch.utils.data import DataLoader
 
-    from data_preprocessing import KittiSemantics, list_labelled
+    from data_preprocessing import KittiSemantics
+    from layouts import list_labelled
     from engine import evaluate
     from model import build_model
     dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root)[:5])

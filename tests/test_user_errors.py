@@ -95,7 +95,7 @@ def test_a_device_this_machine_lacks_is_one_line(synthetic_root, tmp_path):
 
 
 def test_split_files_with_a_repeated_or_shared_name_are_refused(synthetic_root, tmp_path):
-    from data_preprocessing import default_split
+    from layouts import default_split
     split = default_split(sorted(p.stem for p in (synthetic_root / "training" / "semantic").glob("*.png")))
     (tmp_path / "split").mkdir()
     (tmp_path / "split" / "train.txt").write_text("\n".join(split["train"]) + "\n")

@@ -1,0 +1,207 @@
+"""Where each dataset's files are, and which images form its splits. One small reader ("layout") per on-disk
+layout, chosen in one place (``get_layout``) from a dataset name; data_preprocessing.py reads the files. Label
+ids are Cityscapes ids in both datasets, so ``labels.py`` stays the only table::
+
+    kitti        ROOT/training/image_2/000000_10.png     RGB images
+                 ROOT/training/semantic/000000_10.png    single-channel label ids (0..33)
+                 ROOT/testing/image_2/000000_10.png      unlabelled test images
+    cityscapes   ROOT/leftImg8bit/{train,val,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+                 ROOT/gtFine/{train,val,test}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
+
+Image names are KITTI's file stems (``000000_10``) and Cityscapes' ``<city>/<city>_<seq>_<frame>``.
+Splits are FIXED, independent of main.py's ``--seed``, so that runs with different seeds are compared on
+the same validation images: KITTI has no official validation set and gets one fixed 80/20 split
+(``default_split``, 200 images -> 160/40); Cityscapes keeps its official train/val folders. A
+``--split-dir`` holding ``train.txt``/``val.txt`` overrides either.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from errors import UserError
+
+LAYOUT_HELP = ("expected ROOT/training/image_2/*.png, ROOT/training/semantic/*.png and ROOT/testing/image_2/*.png "
+               "(KITTI data_semantics layout); pass --download to fetch KITTI, or --data-root PATH")
+CITYSCAPES_HELP = ("expected ROOT/leftImg8bit/{train,val,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png and "
+                   "ROOT/gtFine/{train,val,test}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png (Cityscapes "
+                   "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip); pass --data-root PATH")
+CITYSCAPES_IMAGE, CITYSCAPES_LABEL = "_leftImg8bit.png", "_gtFine_labelIds.png"
+LABELLED_SPLITS = ("train", "val", "trainval")
+
+
+# --- KITTI: names are file stems, paths follow from them ---------------------------------------------------
+def list_png(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise UserError(f"{folder} is missing: {LAYOUT_HELP}")
+    files = sorted(folder.glob("*.png"))
+    if not files:
+        raise UserError(f"{folder} holds no .png files: {LAYOUT_HELP}")
+    return files
+
+
+def list_labelled(root: Path) -> list[str]:
+    """Names (file stems) of the labelled KITTI training images, after checking that every image has a label."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data root {root} does not exist: {LAYOUT_HELP}")
+    images = {p.stem for p in list_png(root / "training" / "image_2")}
+    labels = {p.stem for p in list_png(root / "training" / "semantic")}
+    for missing, where in ((images - labels, "training/semantic"), (labels - images, "training/image_2")):
+        if missing:
+            shown = ", ".join(sorted(missing)[:5]) + (" ..." if len(missing) > 5 else "")
+            raise UserError(f"{root / where}: no file for {len(missing)} name(s): {shown}; "
+                            "every image needs a label of the same name")
+    return sorted(images)
+
+
+def default_split(names: list[str], val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[str]]:
+    """Fixed train/val split: 200 KITTI images -> 160/40. Same names, same split, whatever the order or
+    main.py's ``--seed``: the seed here is a constant so that every run is validated on the same images."""
+    shuffled = sorted(names)
+    random.Random(seed).shuffle(shuffled)
+    num_val = max(1, round(len(names) * val_fraction))
+    return {"train": sorted(shuffled[num_val:]), "val": sorted(shuffled[:num_val])}
+
+
+class KittiLayout:
+    """KITTI data_semantics: no official validation set, so ``default_split`` is the fixed 80/20 split."""
+
+    help = LAYOUT_HELP
+    label_hint = "use training/semantic, not training/semantic_rgb"
+
+    def default_split(self, root: Path) -> dict[str, list[str]]:
+        return default_split(list_labelled(root))
+
+    def pair_paths(self, root: Path, names: list[str]) -> list[tuple[Path, Path]]:
+        return [(root / "training" / "image_2" / f"{n}.png", root / "training" / "semantic" / f"{n}.png")
+                for n in names]
+
+    def test_dir(self, root: Path) -> Path:
+        return root / "testing" / "image_2"
+
+    def test_images(self, root: Path) -> list[tuple[str, Path]]:
+        return [(p.stem, p) for p in list_png(self.test_dir(root))]
+
+
+# --- Cityscapes: names are <city>/<stem>, the split is the folder they are in ------------------------------
+class CityscapesLayout:
+    """Cityscapes fine annotations: the official train/val/test folders are the splits; only the
+    ``*_gtFine_labelIds.png`` files are labels (``_color`` is a picture, ``_instanceIds`` holds id x 1000 +
+    instance in 16 bits). Any image size is accepted."""
+
+    help = CITYSCAPES_HELP
+    label_hint = ("use *_gtFine_labelIds.png, not *_gtFine_color.png (colours) or *_gtFine_instanceIds.png "
+                  "(16-bit id x 1000 + instance)")
+
+    def _images(self, root: Path, split: str) -> dict[str, Path]:
+        if not root.is_dir():
+            raise UserError(f"data root {root} does not exist: {self.help}")
+        folder = root / "leftImg8bit" / split
+        if not folder.is_dir():
+            raise UserError(f"{folder} is missing: {self.help}")
+        files = sorted(folder.glob(f"*/*{CITYSCAPES_IMAGE}"))
+        if not files:
+            raise UserError(f"{folder} holds no <city>/*{CITYSCAPES_IMAGE} files: {self.help}")
+        return {f"{p.parent.name}/{p.name[:-len(CITYSCAPES_IMAGE)]}": p for p in files}
+
+    def _pairs(self, root: Path, split: str) -> dict[str, tuple[Path, Path]]:
+        pairs = {name: (image, root / "gtFine" / split / f"{name}{CITYSCAPES_LABEL}")
+                 for name, image in self._images(root, split).items()}
+        missing = [label for _, label in pairs.values() if not label.is_file()]
+        if missing:
+            raise UserError(_missing_labels_message(missing))
+        return pairs
+
+    def _labelled(self, root: Path) -> dict[str, tuple[Path, Path]]:
+        train, val = self._pairs(root, "train"), self._pairs(root, "val")
+        both = sorted(train.keys() & val.keys())
+        if both:
+            raise UserError(f"{root / 'leftImg8bit'}: {both[0]} is in both train/ and val/; "
+                            "a name must be in one split")
+        return {**train, **val}
+
+    def default_split(self, root: Path) -> dict[str, list[str]]:
+        return {split: sorted(self._pairs(root, split)) for split in ("train", "val")}
+
+    def pair_paths(self, root: Path, names: list[str]) -> list[tuple[Path, Path]]:
+        labelled = self._labelled(root)
+        unknown = [n for n in names if n not in labelled]
+        if unknown:
+            raise UserError(f"{root}: no labelled image {unknown[0]!r} in leftImg8bit/{{train,val}} "
+                            f"({len(unknown)} unknown name(s)); names look like aachen/aachen_000000_000019")
+        return [labelled[n] for n in names]
+
+    def test_dir(self, root: Path) -> Path:
+        return root / "leftImg8bit" / "test"
+
+    def test_images(self, root: Path) -> list[tuple[str, Path]]:
+        return sorted(self._images(root, "test").items())
+
+
+def _missing_labels_message(missing: list[Path]) -> str:
+    """One line for images without ``*_gtFine_labelIds.png``, saying which wrong label files are there."""
+    first, more = missing[0], f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    stem = str(first)[:-len(CITYSCAPES_LABEL)]
+    found = [f"{Path(stem + suffix).name} ({what})" for suffix, what in
+             (("_gtFine_color.png", "colours"), ("_gtFine_instanceIds.png", "16-bit instance ids"))
+             if Path(stem + suffix).is_file()]
+    if found:
+        return (f"{first} is missing{more}; found {' and '.join(found)}, not label ids: "
+                "extract the *_gtFine_labelIds.png files of gtFine_trainvaltest.zip")
+    return (f"{first} is missing{more}: every leftImg8bit image needs its *_gtFine_labelIds.png "
+            "(gtFine_trainvaltest.zip)")
+
+
+LAYOUTS = {"kitti": KittiLayout(), "cityscapes": CityscapesLayout()}
+DATASETS = tuple(LAYOUTS)
+
+
+def get_layout(dataset: str) -> KittiLayout | CityscapesLayout:
+    """The one place where a dataset name picks its on-disk reader."""
+    if dataset not in LAYOUTS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return LAYOUTS[dataset]
+
+
+# --- splits ------------------------------------------------------------------------------------------------
+def default_split_for(dataset: str, root: Path) -> dict[str, list[str]]:
+    """``{"train": names, "val": names}``: KITTI's fixed 80/20 split, Cityscapes' official folders. Fixed,
+    not drawn from main.py's ``--seed``; this is what main.py writes as train.txt/val.txt into a run folder."""
+    return get_layout(dataset).default_split(Path(root))
+
+
+def labelled_names(dataset: str, root: Path, split: str, split_dir: Path | None = None) -> list[str]:
+    """Names in a labelled split: ``split_dir/<split>.txt`` if given, else ``default_split_for``;
+    ``trainval`` is every labelled image."""
+    if split not in LABELLED_SPLITS:
+        raise UserError(f"unknown labelled split {split!r}; choose one of {', '.join(LABELLED_SPLITS)}")
+    default = default_split_for(dataset, root)
+    labelled = sorted(default["train"] + default["val"])
+    if split == "trainval":
+        return labelled
+    if split_dir is None:
+        return default[split]
+    path = Path(split_dir) / f"{split}.txt"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: a split folder needs train.txt and val.txt, one image name a line")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # a repeated val name would be scored twice
+        raise UserError(f"{path}: {', '.join(repeated[:5])} listed more than once; keep each name once")
+    unknown = sorted(set(names) - set(labelled))
+    if unknown:
+        raise UserError(f"{path}: names not among the labelled images of {root}: {', '.join(unknown[:5])}")
+    return names
+
+
+def write_split(split: dict[str, list[str]], folder: Path) -> None:
+    """Write ``train.txt`` and ``val.txt`` (one name a line) that ``--split-dir`` can read back."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, names in split.items():
+        (folder / f"{name}.txt").write_text("".join(f"{n}\n" for n in names))
+
+
+def list_test_images(dataset: str, root: Path) -> list[tuple[str, Path]]:
+    """``(name, path)`` of the unlabelled test split: KITTI testing/image_2, Cityscapes leftImg8bit/test."""
+    return get_layout(dataset).test_images(Path(root))
