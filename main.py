@@ -54,7 +54,7 @@ from labels import get_label_set  # noqa: E402
 from metrics import evaluation_report  # noqa: E402
 from model import ARCHS, build_model, count_parameters  # noqa: E402
 from plots import plot_curves  # noqa: E402
-from run_data import make_loaders  # noqa: E402
+from run_data import StartedEpoch, make_loaders  # noqa: E402
 from stop_signal import StopRequest  # noqa: E402
 
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
@@ -353,6 +353,7 @@ class TrainingRun:
         self.optimizer, self.scheduler = make_optimization(self.model, args, len(self.data.train_loader))
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
         self.history, self.best_miou, self.start_epoch, self.progress = [], -1.0, 0, EpochProgress()
+        self.next_batches = None  # the next epoch's batches, started during validation
         if state is not None:
             self.history, self.best_miou, self.start_epoch, self.progress = restore(
                 state, args.resume, self.model, self.optimizer, self.scheduler, self.scaler)
@@ -382,10 +383,13 @@ class TrainingRun:
                 "config": config_of(self.args), "history": self.history, "rng_cpu": torch.get_rng_state()}
 
     def train_and_validate(self, epoch: int, stop: StopRequest) -> tuple | None:
-        """One epoch's training (from where ``progress`` stands) and validation; None if asked to stop."""
-        self.data.sampler.set_epoch(epoch, skip=self.progress.step * self.args.batch_size)
+        """One epoch's training (from where ``progress`` stands) and validation; None if asked to stop. The next
+        epoch's batches are started before validating, so the loader prepares them meanwhile."""
+        batches = self.next_batches or StartedEpoch(self.data.train_loader, self.data.sampler, epoch,
+                                                    skip=self.progress.step * self.args.batch_size)
+        self.next_batches = None
         try:
-            finished = train_one_epoch(self.net, self.data.train_loader, self.optimizer, self.scheduler, self.scaler,
+            finished = train_one_epoch(self.net, batches, self.optimizer, self.scheduler, self.scaler,
                                        self.ctx.device, self.amp_dtype, self.progress,
                                        f"epoch {epoch + 1}/{self.args.epochs}", self.args.log_every, self.ctx.is_main,
                                        stop, self.class_weights)
@@ -394,6 +398,8 @@ class TrainingRun:
                             "lower --lr, or try --no-amp") from None
         if not finished:
             return None
+        if epoch + 1 < self.args.epochs:
+            self.next_batches = StartedEpoch(self.data.train_loader, self.data.sampler, epoch + 1, skip=0)
         distributed.broadcast_buffers(self.model)
         start = time.perf_counter()
         confusion, loss = evaluate(self.model, self.data.val_loader, self.label_set.num_classes, self.ctx.device,

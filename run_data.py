@@ -31,6 +31,22 @@ class RunData:
     summary: str
 
 
+class StartedEpoch:
+    """One epoch's training batches, asked of the loader ahead of use. ``iter(DataLoader)`` sets the workers on
+    the epoch's first batches at once, so main.py starts epoch k+1 before it validates epoch k and the workers
+    prepare while the GPU validates: the first batches of each epoch were most of the data wait on a GPU."""
+
+    def __init__(self, loader: DataLoader | ResidentBatches, sampler: SeededTrainSampler, epoch: int, skip: int):
+        sampler.set_epoch(epoch, skip)
+        self.length, self.iterator = len(loader), iter(loader)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        return self.iterator
+
+
 def run_split(args: argparse.Namespace, ctx: distributed.Context, run_dir: Path,
               resuming: bool) -> dict[str, list[str]]:
     """The train/val names. A new run takes --split-dir's files or the dataset's default split and writes them
