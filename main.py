@@ -26,7 +26,7 @@ AMP = True                       # CUDA only: bf16 autocast where supported, els
 COMPILE = False                  # torch.compile the training step's network (measure first: see docs/results.md)
 DETERMINISTIC = False            # CUDA: deterministic kernels, a resumed run bit-identical to an unbroken one; slower
 WORKERS = "auto"                 # DataLoader processes per training process; auto: from the CPU count
-AUGMENT_ON = "auto"              # workers | device (images kept on the GPU, augmented there) | auto: device if they fit
+AUGMENT_ON = "workers"           # workers (loader processes) | device: images kept on the GPU and augmented there
 PRETRAINED = True                # ImageNet ResNet18 trunk (downloaded once, or --backbone-weights PATH)
 CACHE_GB = None                  # keep decoded images in memory up to this size; None: half the free memory; 0: off
 LOG_EVERY = 10                   # steps between loss read-backs / progress lines
@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-size", type=int, default=BASE_SIZE, help="scaling reference (default: the dataset's)")
     p.add_argument("--workers", default=WORKERS, help="DataLoader processes per training process, or auto "
                    "(default %(default)s)")
-    p.add_argument("--augment-on", default=AUGMENT_ON, choices=("auto", "workers", "device"),
-                   help="where training crops are made: loader workers, or the training device from images kept there "
-                   "(auto: the GPU when the cached images fit in a quarter of its free memory; default %(default)s)")
+    p.add_argument("--augment-on", default=AUGMENT_ON, choices=("workers", "device"),
+                   help="where training crops are made: loader workers, or the training device from the cached images "
+                   "kept there (default %(default)s)")
     p.add_argument("--label-set", default=LABEL_SET, choices=("train", "full"), help="(default %(default)s)")
     p.add_argument("--class-weights", default=CLASS_WEIGHTS, choices=("none", "median-freq", "log"),
                    help="class balancing of the cross-entropy (default %(default)s)")

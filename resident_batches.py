@@ -15,8 +15,9 @@ from typing import Iterable, Iterator
 import torch
 
 from data_preprocessing import SegmentationDataset
+from errors import UserError
 
-RESIDENT_SHARE_OF_FREE_MEMORY = 0.25  # auto puts images on the GPU only if they take at most this share of it
+RESIDENT_SHARE_OF_FREE_MEMORY = 0.5  # images may take at most this share of the GPU's free memory
 
 
 class ResidentBatches:
@@ -38,10 +39,15 @@ class ResidentBatches:
             yield torch.stack([image for image, _ in samples]), torch.stack([label for _, label in samples])
 
 
-def fits_on_device(datasets: list[SegmentationDataset], device: torch.device) -> bool:
-    """True when every dataset is cached and together they take at most RESIDENT_SHARE_OF_FREE_MEMORY of the
-    device's free memory (uint8 image and label: 4 bytes a pixel, ``decoded_gb``)."""
-    if device.type != "cuda" or not all(d.cached for d in datasets):
-        return False
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    return sum(d.decoded_gb for d in datasets) * 1e9 <= RESIDENT_SHARE_OF_FREE_MEMORY * free_bytes
+def check_fits_on_device(datasets: list[SegmentationDataset], device: torch.device) -> None:
+    """Refuse, in one line, images that are not cached in memory or would take more than
+    RESIDENT_SHARE_OF_FREE_MEMORY of a GPU's free memory (uint8 image and label: ``decoded_gb``)."""
+    if not all(d.cached for d in datasets):
+        raise UserError("--augment-on device needs the images cached in memory, and they are not (see --cache-gb); "
+                        "use --augment-on workers, or a larger --cache-gb")
+    if device.type == "cuda":
+        free_gb = torch.cuda.mem_get_info(device)[0] / 1e9
+        needed_gb = sum(d.decoded_gb for d in datasets)
+        if needed_gb > RESIDENT_SHARE_OF_FREE_MEMORY * free_gb:
+            raise UserError(f"--augment-on device: the images take {needed_gb:.1f} GB, more than half of the "
+                            f"{free_gb:.1f} GB free on {device}; use --augment-on workers")

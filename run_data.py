@@ -18,7 +18,7 @@ from data_preprocessing import SegmentationDataset, default_cache_gb, png_size
 from layouts import default_split_for, labelled_names, write_split
 from errors import UserError
 from labels import get_label_set
-from resident_batches import ResidentBatches, fits_on_device
+from resident_batches import ResidentBatches, check_fits_on_device
 from samplers import SeededTrainSampler, ShapeBatchSampler
 
 
@@ -89,17 +89,6 @@ def describe_cache(dataset: SegmentationDataset, name: str) -> str:
     return f"{name} {where} ({dataset.decoded_gb:.2f} GB decoded, budget {dataset.cache_budget_gb:.1f} GB)"
 
 
-def augmentation_place(choice: str, device: torch.device, datasets: list[SegmentationDataset]) -> str:
-    """Where training samples are augmented: 'workers' (DataLoader processes) or 'device' (the training device,
-    from images resident there). auto: the device when it is a GPU and the cached images fit it."""
-    if choice == "auto":
-        return "device" if fits_on_device(datasets, device) else "workers"
-    if choice == "device" and not all(d.cached for d in datasets):
-        raise UserError("--augment-on device needs the images cached in memory, and they are not (see --cache-gb); "
-                        "use --augment-on workers, or a larger --cache-gb")
-    return choice
-
-
 def make_loaders(args: argparse.Namespace, ctx: distributed.Context, run_dir: Path, workers: int,
                  state: dict | None = None) -> RunData:
     """Training loader (seeded sampler, augmentation) and validation loader (full images batched by size, each
@@ -123,7 +112,8 @@ def make_loaders(args: argparse.Namespace, ctx: distributed.Context, run_dir: Pa
     val_batches = ShapeBatchSampler(sizes, args.batch_size if ctx.device.type == "cuda" else 1, ctx.rank,
                                     ctx.world_size)
     train_batches = BatchSampler(sampler, args.batch_size, drop_last=True)
-    if augmentation_place(args.augment_on, ctx.device, [train_set, val_set]) == "device":
+    if args.augment_on == "device":
+        check_fits_on_device([train_set, val_set], ctx.device)
         train_loader, val_loader = (ResidentBatches(train_set, train_batches, ctx.device),
                                     ResidentBatches(val_set, val_batches, ctx.device))
         where = f"images resident on {ctx.device}, augmented there"

@@ -40,7 +40,7 @@ def test_validation_batches_equal_the_loaders(synthetic_root):
 
 
 def test_a_run_augmenting_on_the_device_ends_with_the_loader_runs_weights(synthetic_root, trained_run, tmp_path):
-    """trained_run augments in the loader (auto picks it on the CPU); on the CPU both paths are bit-identical."""
+    """trained_run augments in the loader workers (the default); on the CPU both paths are bit-identical."""
     main.train(main.parse_args(train_argv(synthetic_root, tmp_path / "resident", "--arch", "fcn16",
                                           "--augment-on", "device")))
     loader_run = torch.load(trained_run / "last.pt", weights_only=True)
