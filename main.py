@@ -33,7 +33,6 @@ LOG_EVERY = 10                   # steps between loss read-backs / progress line
 # ------------------------------------------------------------------------------------------------------------
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -53,15 +52,13 @@ from errors import UserError  # noqa: E402
 from labels import get_label_set  # noqa: E402
 from metrics import evaluation_report  # noqa: E402
 from model import ARCHS, build_model, count_parameters  # noqa: E402
-from plots import plot_curves  # noqa: E402
+from optimization import make_optimization  # noqa: E402
 from run_data import StartedEpoch, make_loaders  # noqa: E402
+from run_history import HistoryWriter, epoch_line, epoch_record  # noqa: E402
 from stop_signal import StopRequest  # noqa: E402
 
-HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
-                  "val_seconds", "peak_gpu_mb")
 RESUMABLE_FLAGS = {"resume", "device", "workers", "augment_on", "data_root", "deterministic",
                    "compile"}  # what --resume may change: where and how it runs, not what it computes
-CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at the end): matplotlib is slow
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,38 +159,6 @@ def prepare_run_dir(args: argparse.Namespace) -> Path:
     return out
 
 
-def warmup_poly(step: int, warmup: int, total: int, power: float) -> float:
-    """LR multiplier at ``step``: linear from 0.1 to 1 over ``warmup`` steps, then (1 - progress) ^ power to 0."""
-    if step < warmup:
-        return 0.1 + 0.9 * step / warmup
-    return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** power
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on convolution weights only: not on BatchNorm's scale and shift, biases, or the learned x2
-    upsampling (decay would pull its bilinear initialisation towards zero), as current practice does."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            plain_conv = type(module) is torch.nn.Conv2d and name == "weight"
-            (decay if plain_conv else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimization(model: torch.nn.Module, args: argparse.Namespace, steps_per_epoch: int):
-    """SGD with momentum, and one LambdaLR stepped every iteration: its whole state is the step count, so a
-    resume restores the schedule exactly on any torch version (SequentialLR's restore has varied)."""
-    optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
-    total = args.epochs * steps_per_epoch
-    warmup = min(max(1, round(args.warmup_epochs * steps_per_epoch)), total - 1)
-
-    def multiplier(step: int) -> float:
-        return warmup_poly(step, warmup, total, args.poly_power)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-
-
 def initialise_from(model: torch.nn.Module, args: argparse.Namespace, num_classes: int) -> str:
     """Load --init-from's weights: all of them from the same architecture (fine-tuning), or the shared ones from
     a coarser FCN (staged training: the new skip layers start at zero). Returns a line for the log."""
@@ -223,34 +188,6 @@ def make_model(args: argparse.Namespace, ctx: distributed.Context) -> torch.nn.M
     if args.sync_bn and ctx.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
-
-
-class HistoryWriter:
-    """metrics.csv every epoch, curves.png at most every CURVES_EVERY_SECONDS and at the end; both rewritten from
-    the checkpoint's history, so a resume never duplicates rows."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir, self.last_plot = run_dir, 0.0
-
-    def write(self, history: list[dict], final: bool = False) -> None:
-        tmp = self.run_dir / ".metrics.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, HISTORY_FIELDS)
-            writer.writeheader()
-            writer.writerows(history)
-        tmp.replace(self.run_dir / "metrics.csv")
-        if history and (final or time.monotonic() - self.last_plot > CURVES_EVERY_SECONDS):
-            plot_curves(history, self.run_dir / "curves.png")
-            self.last_plot = time.monotonic()
-
-
-def epoch_line(row: dict, epochs: int, is_best: bool) -> str:
-    line = (f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f}  val loss "
-            f"{row['val_loss']:.4f}  mIoU {100 * row['val_mIoU']:.2f}%  pixel acc {100 * row['pixel_acc']:.2f}%  "
-            f"train {row['seconds']:.1f} s (data wait {100 * row['data_wait']:.1f}%)  val {row['val_seconds']:.1f} s")
-    if row["peak_gpu_mb"]:
-        line += f"  peak GPU {row['peak_gpu_mb']:.0f} MB"
-    return line + ("  best" if is_best else "")
 
 
 def config_of(args: argparse.Namespace) -> dict:
@@ -294,15 +231,6 @@ def restore(state: dict, path: Path, model, optimizer, scheduler, scaler) -> tup
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
     return state["history"], state["best_miou"], state["epoch"], EpochProgress(**state["progress"])
-
-
-def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float, report: dict, val_seconds: float,
-                 device: torch.device) -> dict:
-    """One row of metrics.csv; val_mIoU is the 19-class benchmark mIoU in every label set."""
-    return {"epoch": epoch, "lr": lr, "train_loss": progress.loss_sum / max(progress.step, 1), "val_loss": val_loss,
-            "val_mIoU": report["benchmark_mIoU"], "pixel_acc": report["pixel_acc"], "seconds": progress.seconds,
-            "data_wait": progress.data_wait / max(progress.seconds, 1e-9), "val_seconds": val_seconds,
-            "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0}
 
 
 def load_resume_state(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:

@@ -15,6 +15,8 @@ import main
 from conftest import train_argv
 from errors import UserError
 from model import build_model
+from optimization import parameter_groups, warmup_poly
+from run_history import HISTORY_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +54,7 @@ def test_two_epoch_run_writes_checkpoints_metrics_and_split(trained_run):
     for name in ("last.pt", "best.pt", "metrics.csv", "curves.png", "train.txt", "val.txt"):
         assert (trained_run / name).is_file(), name
     rows = list(csv.DictReader(open(trained_run / "metrics.csv")))
-    assert [r["epoch"] for r in rows] == ["1", "2"] and set(main.HISTORY_FIELDS) == set(rows[0])
+    assert [r["epoch"] for r in rows] == ["1", "2"] and set(HISTORY_FIELDS) == set(rows[0])
     state = torch.load(trained_run / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and state["arch"] == "fcn16" and state["num_classes"] == 19
     for key in ("optimizer", "scheduler", "scaler", "rng_cpu", "config", "history", "best_miou"):
@@ -206,11 +208,11 @@ def test_init_from_a_finer_model_is_refused(synthetic_root, trained_run, tmp_pat
 
 
 def test_learning_rate_warms_up_linearly_then_decays_polynomially_to_zero():
-    assert main.warmup_poly(0, warmup=10, total=110, power=0.9) == pytest.approx(0.1)
-    assert main.warmup_poly(5, warmup=10, total=110, power=0.9) == pytest.approx(0.55)
-    assert main.warmup_poly(10, warmup=10, total=110, power=0.9) == pytest.approx(1.0)
-    assert main.warmup_poly(60, warmup=10, total=110, power=0.9) == pytest.approx(0.5 ** 0.9)
-    assert main.warmup_poly(110, warmup=10, total=110, power=0.9) == 0.0
+    assert warmup_poly(0, warmup=10, total=110, power=0.9) == pytest.approx(0.1)
+    assert warmup_poly(5, warmup=10, total=110, power=0.9) == pytest.approx(0.55)
+    assert warmup_poly(10, warmup=10, total=110, power=0.9) == pytest.approx(1.0)
+    assert warmup_poly(60, warmup=10, total=110, power=0.9) == pytest.approx(0.5 ** 0.9)
+    assert warmup_poly(110, warmup=10, total=110, power=0.9) == 0.0
 
 
 def run_dir_on_two_ranks(rank: int, port: int, cwd: Path, out, results: Path) -> None:
@@ -246,7 +248,7 @@ def test_every_ddp_rank_gets_rank_0s_run_folder_or_its_error(tmp_path, existing)
 
 def test_weight_decay_applies_to_convolution_weights_only():
     net = build_model("fcn16", 19, pretrained=False)
-    decay, no_decay = main.parameter_groups(net, 1e-4)
+    decay, no_decay = parameter_groups(net, 1e-4)
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in net.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
