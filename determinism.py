@@ -30,11 +30,11 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     try:
         yield
     except RuntimeError as error:
-        if "deterministic" not in str(error):
+        lines = [line.strip() for line in str(error).splitlines() if "deterministic implementation" in line]
+        if not lines:
             raise
-        first_line = str(error).strip().splitlines()[0]
-        raise UserError(f"--deterministic: {first_line} (PyTorch {torch.__version__}); run without "
-                        "--deterministic, which keeps everything exact except the last bits on CUDA") from None
+        raise UserError(f"--deterministic: {lines[0].split('. ')[0]} (PyTorch {torch.__version__}); continue with "
+                        "--no-deterministic, which keeps everything exact except the last bits on CUDA") from None
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 

@@ -94,11 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random trunk instead of ImageNet weights")
     p.add_argument("--backbone-weights", help="ResNet18 ImageNet state_dict file, for machines without internet")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=AMP, help="float32 on CUDA")
-    p.add_argument("--compile", action="store_true", default=COMPILE,
-                   help="torch.compile the network for training steps (validation stays eager; default off)")
-    p.add_argument("--deterministic", action="store_true", default=DETERMINISTIC,
-                   help="CUDA: deterministic kernels only (no cuDNN autotuning), so that a resumed run ends "
-                   "bit-identical to an uninterrupted one; slower (the CPU is always deterministic)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
+                   help="torch.compile the network for training steps; validation stays eager (default %(default)s)")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=DETERMINISTIC,
+                   help="deterministic kernels only (no cuDNN autotuning), so that a resumed CUDA run ends "
+                   "bit-identical to an uninterrupted one; slower. CPU runs are bit-exact without it "
+                   "(default %(default)s)")
     p.add_argument("--cache-gb", type=float, default=CACHE_GB, help="memory budget of the decoded-image cache "
                    "(default: half the available memory)")
     p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0.0, help="decode PNGs every epoch")
@@ -313,9 +314,10 @@ class TrainingRun:
     def train_and_validate(self, epoch: int, stop: StopRequest) -> tuple | None:
         """One epoch's training (from where ``progress`` stands) and validation; None if asked to stop. The next
         epoch's batches are started before validating, so the loader prepares them meanwhile."""
-        batches = self.next_batches or StartedEpoch(self.data.train_loader, self.data.sampler, epoch,
-                                                    skip=self.progress.step * self.args.batch_size)
-        self.next_batches = None
+        batches, self.next_batches = self.next_batches, None
+        if batches is None:
+            batches = StartedEpoch(self.data.train_loader, self.data.sampler, epoch,
+                                   skip=self.progress.step * self.args.batch_size)
         try:
             finished = train_one_epoch(self.net, batches, self.optimizer, self.scheduler, self.scaler,
                                        self.ctx.device, self.amp_dtype, self.progress,

@@ -1,6 +1,6 @@
 """The data side of a training run: which images (the split, kept in the run folder), the two loaders, and
 the class weights of the loss. main.py calls ``make_loaders`` once; what differs between datasets lives in
-data_preprocessing.py's layouts and augmentation.py's ``DATASET_DEFAULTS``."""
+layouts.py and augmentation.py's ``DATASET_DEFAULTS``."""
 from __future__ import annotations
 
 import argparse
@@ -32,9 +32,11 @@ class RunData:
 
 
 class StartedEpoch:
-    """One epoch's training batches, asked of the loader ahead of use. ``iter(DataLoader)`` sets the workers on
-    the epoch's first batches at once, so main.py starts epoch k+1 before it validates epoch k and the workers
-    prepare while the GPU validates: the first batches of each epoch were most of the data wait on a GPU."""
+    """One epoch's training batches, asked of the loader ahead of use. With workers, ``iter(DataLoader)`` sets
+    them on the epoch's first batches at once (``prefetch_factor`` per worker), so main.py starts epoch k+1
+    before it validates epoch k and the workers prepare while the GPU validates: the first batches of each
+    epoch were most of the data wait on a GPU. Without workers, and for ResidentBatches, nothing is made
+    ahead."""
 
     def __init__(self, loader: DataLoader | ResidentBatches, sampler: SeededTrainSampler, epoch: int, skip: int):
         sampler.set_epoch(epoch, skip)
@@ -118,7 +120,10 @@ def make_loaders(args: argparse.Namespace, ctx: distributed.Context, run_dir: Pa
                                     ResidentBatches(val_set, val_batches, ctx.device))
         where = f"images resident on {ctx.device}, augmented there"
     else:
-        common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
+        # the loaders' own generator: drawing worker seeds from the global one would move the state that
+        # checkpoints save, and an iterator started before a checkpoint (StartedEpoch) would then differ on resume
+        common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(args.seed))
         train_loader = DataLoader(train_set, batch_sampler=train_batches, **common)
         val_loader = DataLoader(val_set, batch_sampler=val_batches, **common)
         where = f"{workers} loader workers"

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from augmentation import train_augmentation  # noqa: E402
-from data_preprocessing import KittiSemantics
+from data_preprocessing import KittiSemantics  # noqa: E402
 from layouts import list_labelled  # noqa: E402
 from labels import colorize, get_label_set  # noqa: E402
 

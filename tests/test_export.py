@@ -50,8 +50,8 @@ def reference_model(trained_run):
 def reference(reference_model, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """test.py's way: engine.predict's scores, argmax, class -> label id. (1, H, W) ids, (1, C, H, W) log-probs."""
     model, label_set = reference_model
-    log_probabilities = torch.log_softmax(predict(model, image, torch.device("cpu")), 1)
-    return label_set.class_to_id[log_probabilities.argmax(1).numpy()], log_probabilities.numpy()
+    scores = predict(model, image, torch.device("cpu"))
+    return label_set.class_to_id[scores.argmax(1).numpy()], torch.log_softmax(scores, 1).numpy()
 
 
 def assert_matches_reference(label_ids: np.ndarray, logits: np.ndarray, reference_model, image: torch.Tensor) -> None:

@@ -110,6 +110,8 @@ def test_ctrl_c_inside_an_optimizer_step_mid_log_window_resumes_to_the_same_weig
     main.train(main.parse_args(["--resume", str(run / "last.pt"), "--workers", "0"]))
     assert_same_weights(final_weights(run), final_weights(trained_run))
     assert_same_history(history_without_timings(run), history_without_timings(trained_run))
+    resumed, straight = (torch.load(r / "last.pt", weights_only=True)["rng_cpu"] for r in (run, trained_run))
+    assert torch.equal(resumed, straight)  # the global generator too: nothing drew from it out of step
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored after the run
 
 

@@ -112,7 +112,7 @@ def test_flip_tta_is_the_log_of_the_mean_softmax_of_the_image_and_its_mirror(ran
     ours = predict(random_model, scenes, torch.device("cpu"), flip=True)
     without = predict(random_model, scenes, torch.device("cpu"))
     assert ours.shape == (2, 19, 64, 96)
-    assert (expected.exp() - without.exp()).abs().max() > 0.02  # the mirror changes the answer
+    assert (expected.exp() - without.softmax(1)).abs().max() > 0.02  # the mirror changes the answer (predict: logits)
     torch.testing.assert_close(ours.exp(), expected.exp(), rtol=1e-5, atol=1e-5)
 
 
@@ -135,7 +135,7 @@ def test_flip_tta_output_on_a_mirror_symmetric_image_is_itself_mirror_symmetric(
     assert torch.equal(symmetric, symmetric.flip(-1))
     with_tta = predict(random_model, symmetric, torch.device("cpu"), flip=True)
     without = predict(random_model, symmetric, torch.device("cpu"))
-    assert (without.exp() - without.flip(-1).exp()).abs().max() > 0.02
+    assert (without.softmax(1) - without.flip(-1).softmax(1)).abs().max() > 0.02  # predict without TTA: logits
     torch.testing.assert_close(with_tta.exp(), with_tta.flip(-1).exp(), rtol=1e-5, atol=1e-5)
 
 
