@@ -7,9 +7,10 @@ fcn_resnet50, the exported ONNX file in onnxruntime vs eager PyTorch, and the da
 Ratios are what to compare across machines and commits; absolute numbers depend on the machine and its load. A
 machine's speed drifts by more than the effects measured here (other processes, clock changes), so the cases that
 a ratio compares are timed interleaved: one step of each per round, the order reversed every round (trunk, FCN,
-FCN, trunk, ...), so that a slow spell hits both alike. A ratio is the median over the --steps rounds of the
-per-round ratios; ``<ratio>_spread`` is half the interquartile range of those per-round ratios (half the rounds
-fall within median +- spread), a measure of the noise of one round, not a confidence interval of the median.
+FCN, trunk, ...), so that a slow spell hits both alike. A ratio is the median over the --steps rounds (three
+times as many for inference) of the per-round ratios; ``<ratio>_spread`` is half the interquartile range of
+those per-round ratios (half the rounds fall within median +- spread), a measure of the noise of one round,
+not a confidence interval of the median.
 Each case's ms/step is the median of its own steps, after --warmup steps. The ONNX case needs onnxruntime
 (requirements-dev.txt) and always runs on the CPU, against eager PyTorch on the CPU.
 """
@@ -43,6 +44,7 @@ from samplers import SeededTrainSampler
 from synthetic_kitti import write_synthetic_kitti
 
 FULL = (375, 1242)
+INFER_ROUNDS_FACTOR = 3  # the inference group runs --steps x this many rounds (a step is ~0.1 s on a CPU)
 RATIOS = ("fcn16_train_over_trunk", "fcn16_infer_over_trunk", "fcn16_over_fcn_resnet50",
           "onnxruntime_over_eager_cpu_infer", "bf16_speedup_fcn16_train")
 
@@ -99,7 +101,8 @@ def seconds(step: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_seconds(steps: dict[str, Callable[[], None]], device: torch.device, rounds: int) -> dict[str, list[float]]:
+def interleaved_seconds(steps: dict[str, Callable[[], None]], device: torch.device,
+                        rounds: int) -> dict[str, list[float]]:
     """Per case, ``rounds`` timings taken one step of each case per round, the order reversed every round."""
     order, times = list(steps), {name: [] for name in steps}
     for i in range(rounds):
@@ -136,11 +139,12 @@ def build_cases(specs: list[tuple], device: torch.device, warmup: int) -> tuple[
     return cases, rows
 
 
-def time_group(specs: list[tuple], device: torch.device, args) -> tuple[list[dict], dict[str, list[float]]]:
+def time_group(specs: list[tuple], device: torch.device, args,
+               rounds: int) -> tuple[list[dict], dict[str, list[float]]]:
     """Warm up every case of ``specs``, then time them interleaved; rows for the table and the raw times."""
     cases, rows = build_cases(specs, device, args.warmup)
-    log(f"timing {len(cases)} cases interleaved, {args.steps} rounds")
-    times = interleaved_seconds(cases, device, args.steps)
+    log(f"timing {len(cases)} cases interleaved, {rounds} rounds")
+    times = interleaved_seconds(cases, device, rounds)
     for row in rows:
         ms = 1000 * statistics.median(times[row["key"]])
         row.update(ms=ms, img_per_s=1000 * row["batch"] / ms)
@@ -307,8 +311,9 @@ def run(args) -> dict:
     amp = device.type == "cuda"  # the ratios are taken in the precision main.py trains in
     suffix, crop = " bf16" if amp else "", f"{args.batch_size}x{args.crop_size[0]}x{args.crop_size[1]}"
     rows, times = [], onnx_times(args)
-    for mode in ("train", "infer"):
-        group_rows, group_times = time_group(group_specs(args, device, mode), device, args)
+    for mode in ("train", "infer"):  # inference steps are short: more rounds cost little and steady the ratio
+        rounds = args.steps * (INFER_ROUNDS_FACTOR if mode == "infer" else 1)
+        group_rows, group_times = time_group(group_specs(args, device, mode), device, args, rounds)
         rows, times = rows + group_rows, {**times, **group_times}
     pairs = {
         "fcn16_train_over_trunk": (f"fcn16 train {crop}{suffix}", f"trunk train {crop}{suffix}"),
@@ -319,7 +324,7 @@ def run(args) -> dict:
     if amp:
         pairs["bf16_speedup_fcn16_train"] = (f"fcn16 train {crop}", f"fcn16 train {crop} bf16")
         rows += time_group([("fcn16", "train", lambda: build_model("fcn16", 19, pretrained=False), 8, FULL, True,
-                             False)], device, args)[0]
+                             False)], device, args, args.steps)[0]
     result = {
         "device": torch.cuda.get_device_name(device) if amp else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "batch_size": args.batch_size,
@@ -366,8 +371,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--crop-size", type=int, nargs=2, default=list(DATASET_DEFAULTS["kitti"]["crop_size"]),
                    metavar=("H", "W"), help="training crop (default: main.py's for KITTI, %(default)s)")
-    p.add_argument("--workers", type=int, default=worker_count(WORKERS, 1), help="DataLoader workers (default: main.py's)")
-    p.add_argument("--steps", type=int, default=10, help="interleaved rounds timed (default %(default)s)")
+    p.add_argument("--workers", type=int, default=worker_count(WORKERS, 1),
+                   help="DataLoader workers (default: main.py's)")
+    p.add_argument("--steps", type=int, default=10, help="interleaved rounds timed; inference: 3x as many "
+                   "(default %(default)s)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--cityscapes", action="store_true", help="also time Cityscapes-size loading against a 512x1024 "
                    "train step (writes 24 full-size synthetic scenes first)")
