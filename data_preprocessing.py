@@ -162,14 +162,17 @@ class SegmentationDataset(Dataset):
         return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(label)
 
     def augment(self, image: torch.Tensor, label: torch.Tensor, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``transform`` applied to one pair on whatever device it is on. Its random parameters come from the CPU
-        generator seeded with ``seed`` (the caller's global generator is left as it was), so a sample is augmented
-        the same way in a DataLoader worker and on the GPU (see resident_batches.py)."""
+        """``transform`` applied to one pair on whatever device it is on. With a ``seed``, its random parameters
+        come from the CPU generator seeded with it (the caller's global generator is left as it was), so a sample
+        is augmented the same way in a DataLoader worker and on the GPU (see resident_batches.py); without one,
+        they are drawn from the global generator, which moves on."""
         if self.transform is not None:
-            with torch.random.fork_rng(devices=[]):
-                if seed is not None:
-                    torch.default_generator.manual_seed(seed)
+            if seed is None:
                 image, label = self.transform(tv_tensors.Image(image), tv_tensors.Mask(label))
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(seed)
+                    image, label = self.transform(tv_tensors.Image(image), tv_tensors.Mask(label))
         return image.as_subclass(torch.Tensor).contiguous(), label.as_subclass(torch.Tensor).contiguous()
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -125,6 +125,16 @@ def test_seeded_augmentation_is_reproducible_and_varies_with_the_seed(synthetic_
     first, again, other = dataset[(0, 123)], dataset[(0, 123)], dataset[(0, 124)]
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[0], other[0])
+    before = torch.get_rng_state()
+    dataset[(0, 125)]
+    assert torch.equal(torch.get_rng_state(), before)  # a seeded sample leaves the global generator alone
+
+
+def test_unseeded_samples_draw_new_augmentations(synthetic_root):
+    dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root), transform=train_augmentation(64, 96))
+    torch.manual_seed(0)
+    draws = [dataset[0][0] for _ in range(4)]
+    assert not all(torch.equal(draws[0], other) for other in draws[1:])
 
 
 def test_batches_do_not_depend_on_the_number_of_workers(synthetic_root):
