@@ -8,9 +8,9 @@ Ratios are what to compare across machines and commits; absolute numbers depend 
 machine's speed drifts by more than the effects measured here (other processes, clock changes), so the cases that
 a ratio compares are timed interleaved: one step of each per round, the order reversed every round (trunk, FCN,
 FCN, trunk, ...), so that a slow spell hits both alike. A ratio is the median over the --steps rounds (three
-times as many for inference) of the per-round ratios; ``<ratio>_spread`` is half the interquartile range of
-those per-round ratios (half the rounds fall within median +- spread), a measure of the noise of one round,
-not a confidence interval of the median.
+times as many for the trunk/FCN inference group) of the per-round ratios; ``<ratio>_spread`` is half the
+interquartile range of those per-round ratios (half the rounds fall within median +- spread), a measure of the
+noise of one round, not a confidence interval of the median.
 Each case's ms/step is the median of its own steps, after --warmup steps. The ONNX case needs onnxruntime
 (requirements-dev.txt) and always runs on the CPU, against eager PyTorch on the CPU.
 """
@@ -328,7 +328,8 @@ def run(args) -> dict:
     result = {
         "device": torch.cuda.get_device_name(device) if amp else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "batch_size": args.batch_size,
-        "crop_size": args.crop_size, "workers": args.workers, "steps": args.steps, "warmup": args.warmup,
+        "crop_size": args.crop_size, "workers": args.workers, "steps": args.steps,
+        "infer_rounds": args.steps * INFER_ROUNDS_FACTOR, "warmup": args.warmup,
         "onnx_cpu_ms": {name: 1000 * statistics.median(times[name]) for name in ("eager cpu", "onnxruntime cpu")},
     }
     for key, (numerator, denominator) in pairs.items():
@@ -373,7 +374,7 @@ def main() -> None:
                    metavar=("H", "W"), help="training crop (default: main.py's for KITTI, %(default)s)")
     p.add_argument("--workers", type=int, default=worker_count(WORKERS, 1),
                    help="DataLoader workers (default: main.py's)")
-    p.add_argument("--steps", type=int, default=10, help="interleaved rounds timed; inference: 3x as many "
+    p.add_argument("--steps", type=int, default=10, help="interleaved rounds timed; trunk/FCN inference: 3x as many "
                    "(default %(default)s)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--cityscapes", action="store_true", help="also time Cityscapes-size loading against a 512x1024 "

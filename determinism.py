@@ -33,7 +33,8 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
         lines = [line.strip() for line in str(error).splitlines() if "deterministic implementation" in line]
         if not lines:
             raise
-        raise UserError(f"--deterministic: {lines[0].split('. ')[0]} (PyTorch {torch.__version__}); continue with "
+        operation = lines[0].removeprefix("RuntimeError: ").split(". ")[0]
+        raise UserError(f"--deterministic: {operation} (PyTorch {torch.__version__}); run (or --resume) with "
                         "--no-deterministic, which keeps everything exact except the last bits on CUDA") from None
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

@@ -91,6 +91,11 @@ def describe_cache(dataset: SegmentationDataset, name: str) -> str:
     return f"{name} {where} ({dataset.decoded_gb:.2f} GB decoded, budget {dataset.cache_budget_gb:.1f} GB)"
 
 
+def loader_generator(args: argparse.Namespace, ctx: distributed.Context, which: int) -> torch.Generator:
+    """A loader's own generator, different for each loader and rank."""
+    return torch.Generator().manual_seed((args.seed * 1_000_003 + ctx.rank) * 2 + which)
+
+
 def make_loaders(args: argparse.Namespace, ctx: distributed.Context, run_dir: Path, workers: int,
                  state: dict | None = None) -> RunData:
     """Training loader (seeded sampler, augmentation) and validation loader (full images batched by size, each
@@ -120,12 +125,14 @@ def make_loaders(args: argparse.Namespace, ctx: distributed.Context, run_dir: Pa
                                     ResidentBatches(val_set, val_batches, ctx.device))
         where = f"images resident on {ctx.device}, augmented there"
     else:
-        # the loaders' own generator: drawing worker seeds from the global one would move the state that
-        # checkpoints save, and an iterator started before a checkpoint (StartedEpoch) would then differ on resume
-        common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
-                      generator=torch.Generator().manual_seed(args.seed))
-        train_loader = DataLoader(train_set, batch_sampler=train_batches, **common)
-        val_loader = DataLoader(val_set, batch_sampler=val_batches, **common)
+        # each loader draws its worker seeds from its own generator: drawing them from the global one would move
+        # the state that checkpoints save, and an iterator started before a checkpoint (StartedEpoch) would then
+        # differ on resume
+        common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
+        train_loader = DataLoader(train_set, batch_sampler=train_batches, generator=loader_generator(args, ctx, 0),
+                                  **common)
+        val_loader = DataLoader(val_set, batch_sampler=val_batches, generator=loader_generator(args, ctx, 1),
+                                **common)
         where = f"{workers} loader workers"
     summary = (f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, crop {crop[0]}x{crop[1]}, "
                f"{where}; {describe_cache(train_set, 'train')}, {describe_cache(val_set, 'val')}")

@@ -9,6 +9,11 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/bench_cuda.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$out/bench_cuda.txt"
+# first, as they have never run on a GPU: the tests that only a GPU runs (skipped elsewhere), CUDA kill-and-resume
+# bit-identity with --deterministic and resident batches on CUDA (about a minute)
+OMP_NUM_THREADS=4 python3 -m pytest -q -p no:cacheprovider tests/test_determinism.py tests/test_resident_batches.py \
+  > "$out/pytest_gpu.txt" 2>&1 || true
+tail -15 "$out/pytest_gpu.txt"
 python3 bench.py --device cuda --cityscapes --json "$out/bench_cuda.json" | tee -a "$out/bench_cuda.txt" \
   || echo "bench FAILED" | tee -a "$out/bench_cuda.txt"
 python3 data_preprocessing.py --make-synthetic /tmp/kitti-synthetic --num 200 --num-test 8
@@ -19,7 +24,7 @@ run() {  # name, flags...
   local name=$1; shift
   local start=$SECONDS
   python3 main.py --no-pretrained --data-root /tmp/kitti-synthetic --out "/tmp/runs/$name" --workers "${WORKERS:-8}" "$@" \
-    | tee "$out/train_$name.log"
+    | tee "$out/train_$name.log" || return
   echo "wall seconds $name: $((SECONDS - start))" | tee -a "$out/train_$name.log"
   cp "/tmp/runs/$name/metrics.csv" "$out/metrics_$name.csv"
 }
@@ -33,7 +38,3 @@ for variant in "device --augment-on device" "compile --compile" "deterministic -
   set -- $variant
   run "fcn16_$1" --arch fcn16 "${@:2}" || echo "fcn16_$1 FAILED" | tee -a "$out/train_fcn16_$1.log"
 done
-# the tests that only a GPU runs (skipped elsewhere): CUDA kill-and-resume bit-identity, resident batches on CUDA
-OMP_NUM_THREADS=4 python3 -m pytest -q -p no:cacheprovider tests/test_determinism.py tests/test_resident_batches.py \
-  > "$out/pytest_gpu.txt" 2>&1 || true
-tail -15 "$out/pytest_gpu.txt"

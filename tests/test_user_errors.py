@@ -37,6 +37,15 @@ def test_resume_with_a_flag_that_would_change_the_run_names_the_flag(trained_run
     assert (trained_run / "last.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("flag, value", [("--compile", True), ("--no-compile", False),
+                                         ("--deterministic", True), ("--no-deterministic", False)])
+def test_resume_may_turn_compile_and_deterministic_on_and_off(trained_run, flag, value):
+    state = torch.load(trained_run / "last.pt", weights_only=True)
+    state["config"].update(compile=not value, deterministic=not value)
+    args = main.args_from_checkpoint(state, main.parse_args(["--resume", str(trained_run / "last.pt"), flag]))
+    assert getattr(args, flag.removeprefix("--").removeprefix("no-")) is value
+
+
 def test_resume_of_a_finished_run_says_so_and_how_to_train_on(trained_run):
     message = one_line_error(main.main, ["--resume", str(trained_run / "last.pt"), "--device", "cpu"])
     assert "already finished its 2 epochs" in message and "--init-from" in message
