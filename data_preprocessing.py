@@ -18,14 +18,12 @@ import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from errors import UserError
 from labels import IGNORE_INDEX, VALID_IDS, LabelSet, get_label_set
@@ -33,6 +31,8 @@ from layouts import DATASETS, default_split_for, get_layout, list_test_images
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# a joint augmentation: (image, label, generator or None) -> (image, label), e.g. augmentation.TrainAugmentation
+Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator | None], tuple[torch.Tensor, torch.Tensor]]
 _ALLOWED_IDS = np.zeros(256, bool)
 _ALLOWED_IDS[VALID_IDS] = True
 _ALLOWED_IDS[IGNORE_INDEX] = True
@@ -111,15 +111,15 @@ class SegmentationDataset(Dataset):
     """Labelled images of ``dataset`` as ``(uint8 image (3, H, W), uint8 label (H, W))``, labels in
     ``label_set`` classes.
 
-    ``transform`` (e.g. ``train_augmentation``) is applied jointly; an index may come as ``(index, seed)``
-    from ``SeededTrainSampler`` to make the augmentation reproducible. ``cache`` is a memory budget
+    ``transform(image, label, generator)`` (e.g. ``train_augmentation``) is applied jointly; an index may come
+    as ``(index, seed)`` from ``SeededTrainSampler`` to make the augmentation reproducible. ``cache`` is a memory budget
     (``cache_budget_gb``): when the decoded files fit it (``decoded_gb``, estimated from the PNG headers),
     every file is decoded once, up front, in the constructing process, and DataLoader workers share the
     arrays; otherwise the workers decode on every access. ``cached`` says which happened.
     """
 
     def __init__(self, dataset: str, root: str | Path, names: list[str], label_set: LabelSet | str = "train",
-                 transform: v2.Transform | None = None, cache: bool | float = False):
+                 transform: Transform | None = None, cache: bool | float = False):
         self.layout = get_layout(dataset)
         self.root = Path(root)
         self.names = list(names)
@@ -163,17 +163,12 @@ class SegmentationDataset(Dataset):
 
     def augment(self, image: torch.Tensor, label: torch.Tensor, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``transform`` applied to one pair on whatever device it is on. With a ``seed``, its random parameters
-        come from the CPU generator seeded with it (the caller's global generator is left as it was), so a sample
-        is augmented the same way in a DataLoader worker and on the GPU (see resident_batches.py); without one,
-        they are drawn from the global generator, which moves on."""
+        come from a CPU generator seeded with it, so a sample is augmented the same way in a DataLoader worker
+        and on the GPU (see resident_batches.py); without one, from the global generator."""
         if self.transform is not None:
-            if seed is None:
-                image, label = self.transform(tv_tensors.Image(image), tv_tensors.Mask(label))
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.default_generator.manual_seed(seed)
-                    image, label = self.transform(tv_tensors.Image(image), tv_tensors.Mask(label))
-        return image.as_subclass(torch.Tensor).contiguous(), label.as_subclass(torch.Tensor).contiguous()
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            image, label = self.transform(image, label, generator)
+        return image.contiguous(), label.contiguous()
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -184,7 +179,7 @@ class KittiSemantics(SegmentationDataset):
     """``SegmentationDataset("kitti", ...)``: labelled KITTI images, under the name the scripts have used."""
 
     def __init__(self, root: str | Path, names: list[str], label_set: LabelSet | str = "train",
-                 transform: v2.Transform | None = None, cache: bool | float = False):
+                 transform: Transform | None = None, cache: bool | float = False):
         super().__init__("kitti", root, names, label_set, transform, cache)
 
 
