@@ -92,12 +92,14 @@ class TrainAugmentation:
     number comes from ``generator`` (the global one if None) and is drawn on the CPU before any pixel is
     touched, so a seeded generator gives the same sample in a loader worker and on a GPU. It calls the
     functional kernels directly rather than through transforms-v2 ``Transform`` objects, whose Python
-    dispatch cost three times as much per sample (0.34 against 0.10 ms on 16x16 images, this CPU): on a GPU
-    that is time the training loop's own thread spends (``--augment-on device``).
+    dispatch cost 2.3 times as much per sample (0.33 against 0.14 ms on 16x16 images, this CPU; see
+    docs/results.md): on a GPU that is time the training loop's own thread spends (``--augment-on device``).
     """
 
     def __init__(self, crop_size: int | tuple[int, int], base_size: int | None = 375,
                  scale_range: tuple[float, float] = (0.5, 2.0), jitter: float = 0.2):
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter {jitter} must be in [0, 1): colour factors are drawn from 1 +- jitter")
         self.scale_crop = RandomScaleCrop(crop_size, base_size, scale_range)
         self.jitter = jitter
 

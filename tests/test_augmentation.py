@@ -3,6 +3,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from augmentation import DATASET_DEFAULTS, RandomScaleCrop, TrainAugmentation, train_augmentation
 from data_preprocessing import KittiSemantics
@@ -90,6 +92,33 @@ def test_augmentation_keeps_image_and_label_aligned_and_pads_label_with_255():
         distance = np.abs(pixels[:, None, :].astype(int) - PALETTE[None, LABEL_VALUES].astype(int)).sum(-1)
         assert (LABEL_VALUES[distance.argmin(1)][~padded] == target[~padded]).mean() > 0.95
     assert padded.any()  # base 120 scaled by <= 2.0 is smaller than the 256 crop: padding happened
+
+
+def test_train_augmentation_equals_torchvisions_transforms_given_the_same_draws():
+    """TrainAugmentation against RandomScaleCrop, v2's flip and v2.ColorJitter fed its own draws: a swapped
+    colour factor, a wrong order or a flip of only one of the pair fails this."""
+    augment = train_augmentation(64, base_size=96)
+    jitter = v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)
+    image, label = colour_coded_pair(np.random.default_rng(0))
+    flips = set()
+    for seed in range(40):
+        draws = torch.Generator().manual_seed(seed)
+        params = augment.scale_crop.draw(*image.shape[-2:], generator=draws)
+        flip = bool(torch.rand((), generator=draws) < 0.5)
+        factors = torch.empty(3).uniform_(0.8, 1.2, generator=draws).tolist()
+        order = torch.randperm(3, generator=draws)
+        expected_image = augment.scale_crop.transform(tv_tensors.Image(image), params)
+        expected_label = augment.scale_crop.transform(tv_tensors.Mask(label), params)
+        if flip:
+            expected_image, expected_label = TF.horizontal_flip(expected_image), TF.horizontal_flip(expected_label)
+        expected_image = jitter.transform(expected_image, dict(fn_idx=order, brightness_factor=factors[0],
+                                                               contrast_factor=factors[1],
+                                                               saturation_factor=factors[2], hue_factor=None))
+        out_image, out_label = augment(image, label, torch.Generator().manual_seed(seed))
+        assert torch.equal(out_image, expected_image.as_subclass(torch.Tensor))
+        assert torch.equal(out_label, expected_label.as_subclass(torch.Tensor))
+        flips.add(flip)
+    assert flips == {False, True}
 
 
 def short_sides(crop: RandomScaleCrop, height: int, width: int, seeds: int = 300) -> set[int]:
