@@ -173,15 +173,7 @@ def resident_rate(dataset, batch_size: int, device: torch.device, timed_epochs: 
     """Images/s of main.py's ``--augment-on device`` batches over ``dataset`` on ``device`` (one epoch of warm-up)."""
     sampler = SeededTrainSampler(len(dataset), seed=0)
     batches = ResidentBatches(dataset, BatchSampler(sampler, batch_size, drop_last=True), device)
-    for _ in batches:
-        pass
-    synchronize(device)
-    start, images = time.perf_counter(), 0
-    for epoch in range(1, timed_epochs + 1):
-        sampler.set_epoch(epoch)
-        images += sum(len(batch[0]) for batch in batches)
-    synchronize(device)
-    return images / (time.perf_counter() - start)
+    return epochs_rate(batches, sampler, device, timed_epochs)
 
 
 def loader_rate(dataset, batch_size: int, workers: int, timed_epochs: int) -> float:
@@ -190,12 +182,19 @@ def loader_rate(dataset, batch_size: int, workers: int, timed_epochs: int) -> fl
     sampler = SeededTrainSampler(len(dataset), seed=0)
     loader = DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                         persistent_workers=workers > 0)
-    for _ in loader:
+    return epochs_rate(loader, sampler, torch.device("cpu"), timed_epochs)
+
+
+def epochs_rate(batches, sampler: SeededTrainSampler, device: torch.device, timed_epochs: int) -> float:
+    """Images/s of ``batches`` over ``timed_epochs`` epochs of ``sampler``, after one untimed epoch."""
+    for _ in batches:
         pass
+    synchronize(device)
     start, images = time.perf_counter(), 0
     for epoch in range(1, timed_epochs + 1):
         sampler.set_epoch(epoch)
-        images += sum(len(batch[0]) for batch in loader)
+        images += sum(len(batch[0]) for batch in batches)
+    synchronize(device)
     return images / (time.perf_counter() - start)
 
 
