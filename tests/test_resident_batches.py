@@ -9,7 +9,7 @@ from conftest import train_argv
 from data_preprocessing import SegmentationDataset, png_size
 from layouts import list_labelled
 from errors import UserError
-from resident_batches import ResidentBatches
+from resident_batches import ResidentBatches, check_fits_on_device
 from samplers import SeededTrainSampler, ShapeBatchSampler
 
 
@@ -68,3 +68,15 @@ def test_on_a_gpu_the_batches_differ_from_the_loaders_only_by_rounding(synthetic
         assert r_images.is_cuda and r_images.dtype == torch.uint8
         assert (r_labels.cpu() == labels).float().mean() > 0.999
         assert ((r_images.cpu().int() - images.int()).abs() <= 3).float().mean() > 0.999
+
+
+def test_images_too_large_for_the_gpu_are_refused_in_one_line(synthetic_root, monkeypatch):
+    """The GPU's free memory is faked: the check reads it, and needs no GPU to be tested."""
+    dataset = SegmentationDataset("kitti", synthetic_root, list_labelled(synthetic_root), cache=1.0)
+    needed = 2 * dataset.decoded_gb * 1e9
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(2 * needed - 1e3), int(4 * needed)))
+    with pytest.raises(UserError, match=r"^--augment-on device: the images take .* GB, more than half of the .* GB "
+                                        r"free on cuda; use --augment-on workers$"):
+        check_fits_on_device([dataset, dataset], torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(2 * needed + 1e3), int(4 * needed)))
+    check_fits_on_device([dataset, dataset], torch.device("cuda"))  # fits in half: accepted
