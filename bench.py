@@ -37,11 +37,12 @@ from data_preprocessing import KittiSemantics
 from layouts import list_labelled
 from export import LabelIdNet, export_program, save_onnx
 from labels import get_label_set
-from main import BATCH_SIZE, DEMO_SCENE_SIZE, WORKERS, worker_count
+from main import BATCH_SIZE, DEMO_SCENE_SIZE, WORKERS
 from model import ARCHS, ResNet18Trunk, build_model
 from resident_batches import ResidentBatches
 from samplers import SeededTrainSampler
 from synthetic_kitti import write_synthetic_kitti
+from training_run import worker_count
 
 FULL = (375, 1242)
 INFER_ROUNDS_FACTOR = 3  # the inference group runs --steps x this many rounds (a step is ~0.1 s on a CPU)

@@ -3,9 +3,9 @@
     DDP_PROBE_OUT=DIR python -m torch.distributed.run --nproc_per_node=2 tests/ddp_probe.py <main.py flags>
 
 Writes DIR/rank<R>.json ({"epochs": {epoch: [[index, augmentation_seed], ...]}}) and DIR/rank<R>.pt (the
-wrapped module's state_dict). main.py is not changed: the sampler's ``__iter__`` is wrapped on the class (main
-imported the class, so patching the name would not reach it) and ``main.DistributedDataParallel`` is replaced
-by a subclass that remembers the module it wraps.
+wrapped module's state_dict). main.py is not changed: the sampler's ``__iter__`` is wrapped on the class (run_data
+imported the class, so patching the name would not reach it) and ``training_run.DistributedDataParallel`` is
+replaced by a subclass that remembers the module it wraps.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 import main  # noqa: E402
 import samplers  # noqa: E402
+import training_run  # noqa: E402
 
 yielded: dict[int, list[list[int]]] = {}
 wrapped: list[torch.nn.Module] = []
@@ -33,7 +34,7 @@ def recording_iter(self):
         yield index, seed
 
 
-class RecordingDDP(main.DistributedDataParallel):
+class RecordingDDP(training_run.DistributedDataParallel):
     def __init__(self, module, *args, **kwargs):
         super().__init__(module, *args, **kwargs)
         wrapped.append(module)
@@ -41,7 +42,7 @@ class RecordingDDP(main.DistributedDataParallel):
 
 def run(argv: list[str]) -> None:
     samplers.SeededTrainSampler.__iter__ = recording_iter
-    main.DistributedDataParallel = RecordingDDP
+    training_run.DistributedDataParallel = RecordingDDP
     main.main(argv)
     out, rank = Path(os.environ["DDP_PROBE_OUT"]), int(os.environ["RANK"])
     if len(wrapped) != 1:

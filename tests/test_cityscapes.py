@@ -15,6 +15,7 @@ import torch
 
 import main
 import test as evaluation
+import training_run
 from conftest import KITTI_SAMPLE, train_argv
 from synthetic_kitti import write_synthetic_cityscapes
 
@@ -99,7 +100,7 @@ def test_kitti_stage_initialised_from_the_cityscapes_model_starts_with_its_exact
                                                                                         synthetic_root, tmp_path):
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "kitti", "--arch", "fcn16", "--lr", "0.001",
                                       "--init-from", str(cityscapes_run / "last.pt")))
-    finetune = main.make_model(args, main.distributed.Context(0, 1, torch.device("cpu"))).eval()
+    finetune = training_run.make_model(args, training_run.distributed.Context(0, 1, torch.device("cpu"))).eval()
     first_stage = evaluation.load_model(cityscapes_run / "last.pt", torch.device("cpu"))[0]
     x = torch.randn(2, 3, 96, 320)
     with torch.no_grad():

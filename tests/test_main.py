@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import main
+import training_run
 from conftest import train_argv
 from errors import UserError
 from model import build_model
@@ -117,18 +118,18 @@ def test_ctrl_c_inside_an_optimizer_step_mid_log_window_resumes_to_the_same_weig
 
 def test_ctrl_c_during_validation_saves_the_finished_epoch_and_resumes_exactly_on_the_runs_own_split(
         writable_tree, trained_run, tmp_path, monkeypatch):
-    real_evaluate = main.evaluate
+    real_evaluate = training_run.evaluate
 
     def evaluate_interrupted(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)
         return real_evaluate(*args, **kwargs)
-    monkeypatch.setattr(main, "evaluate", evaluate_interrupted)
+    monkeypatch.setattr(training_run, "evaluate", evaluate_interrupted)
     run = tmp_path / "run"
     with pytest.raises(SystemExit):
         main.train(main.parse_args(train_argv(writable_tree, run, "--arch", "fcn16")))
     saved = torch.load(run / "last.pt", weights_only=True)
     assert saved["epoch"] == 1 and saved["progress"]["step"] == 0 and len(saved["history"]) == 1
-    monkeypatch.setattr(main, "evaluate", real_evaluate)
+    monkeypatch.setattr(training_run, "evaluate", real_evaluate)
     for folder in ("image_2", "semantic"):  # the data folder gains an image: the default split would change
         folder = writable_tree / "training" / folder
         shutil.copy(folder / "000000_10.png", folder / "new.png")
@@ -167,7 +168,7 @@ def test_init_from_a_coarser_run_keeps_its_weights(synthetic_root, tmp_path):
     main.train(main.parse_args(train_argv(synthetic_root, coarse, "--arch", "fcn32", "--epochs", "1")))
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "fine", "--arch", "fcn8", "--init-from",
                                       str(coarse / "last.pt")))
-    net = main.make_model(args, main.distributed.Context(0, 1, torch.device("cpu")))
+    net = training_run.make_model(args, training_run.distributed.Context(0, 1, torch.device("cpu")))
     assert torch.equal(net.score32.weight, final_weights(coarse)["score32.weight"])
     assert net.score16.weight.abs().sum() == 0  # new skip layers start at zero
 
@@ -206,7 +207,7 @@ def test_init_from_a_finer_model_is_refused(synthetic_root, trained_run, tmp_pat
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--arch", "fcn32", "--init-from",
                                       str(trained_run / "best.pt")))
     with pytest.raises(UserError, match="a fcn16 cannot initialise a coarser fcn32"):
-        main.make_model(args, main.distributed.Context(0, 1, torch.device("cpu")))
+        training_run.make_model(args, training_run.distributed.Context(0, 1, torch.device("cpu")))
 
 
 def test_learning_rate_warms_up_linearly_then_decays_polynomially_to_zero():
@@ -223,7 +224,7 @@ def run_dir_on_two_ranks(rank: int, port: int, cwd: Path, out, results: Path) ->
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     args = main.parse_args(["--arch", "fcn32"] + (["--out", str(out)] if out else []))
     try:
-        outcome = str(main.shared_run_dir(args, main.distributed.Context(rank, 2, torch.device("cpu")), False))
+        outcome = str(training_run.shared_run_dir(args, training_run.distributed.Context(rank, 2, torch.device("cpu")), False))
     except UserError as error:
         outcome = f"UserError: {error}"
     (results / f"rank{rank}.txt").write_text(outcome)
