@@ -1,5 +1,6 @@
 """Speed and memory as ratios measured in one process: FCN heads vs the bare ResNet18 trunk, vs torchvision's
-fcn_resnet50, the exported ONNX file in onnxruntime vs eager PyTorch, and the data pipeline vs the training step.
+fcn_resnet50, validation vs its forward passes, the exported ONNX file in onnxruntime vs eager PyTorch, the data
+pipeline vs the training step, and a whole short run's wall time vs its loops.
 
     python bench.py                       # CPU
     python bench.py --device cuda --json bench.json
@@ -35,9 +36,11 @@ from torchvision.models.segmentation import fcn_resnet50
 from augmentation import DATASET_DEFAULTS, train_augmentation
 from data_preprocessing import KittiSemantics
 from layouts import list_labelled
+from engine import predict, score_batch
 from export import LabelIdNet, export_program, save_onnx
 from labels import get_label_set
 from main import BATCH_SIZE, DEMO_SCENE_SIZE, WORKERS
+from metrics import ConfusionMatrix
 from model import ARCHS, ResNet18Trunk, build_model
 from resident_batches import ResidentBatches
 from samplers import SeededTrainSampler
@@ -47,7 +50,7 @@ from training_run import worker_count
 FULL = (375, 1242)
 INFER_ROUNDS_FACTOR = 3  # the inference group runs --steps x this many rounds (a step is ~0.1 s on a CPU)
 RATIOS = ("fcn16_train_over_trunk", "fcn16_infer_over_trunk", "fcn16_over_fcn_resnet50",
-          "onnxruntime_over_eager_cpu_infer", "bf16_speedup_fcn16_train")
+          "onnxruntime_over_eager_cpu_infer", "fcn16_validate_over_forward", "bf16_speedup_fcn16_train")
 
 
 def log(message: str) -> None:
@@ -265,6 +268,29 @@ def onnx_times(args, size: tuple[int, int] = FULL) -> dict[str, list[float]]:
     return interleaved_seconds(steps, torch.device("cpu"), args.steps)
 
 
+def validation_times(args, device: torch.device, size: tuple[int, int] = FULL) -> dict[str, list[float]]:
+    """FCN-16s validation of one full-size image as ``engine.evaluate`` does it (forward, loss, class map,
+    confusion matrix), and its forward pass alone (``engine.predict``), timed interleaved."""
+    log(f"validation vs forward, 1x{size[0]}x{size[1]}")
+    net = build_model("fcn16", 19, pretrained=False).to(device, memory_format=torch.channels_last).eval()
+    image = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8)
+    labels = torch.randint(0, 19, (1, *size), dtype=torch.uint8)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    confusion = ConfusionMatrix(19, device)
+
+    @torch.no_grad()
+    def validate() -> None:
+        target = labels.to(device).long()
+        loss, prediction = score_batch(predict(net, image, device, amp_dtype), target)
+        confusion.update(prediction, target)
+
+    forward = torch.no_grad()(lambda: predict(net, image, device, amp_dtype))
+    steps = {"fcn16 validate": validate, "fcn16 forward": forward}
+    for step in list(steps.values()) * args.warmup:
+        step()
+    return interleaved_seconds(steps, device, args.steps * INFER_ROUNDS_FACTOR)
+
+
 def wall_over_compute(args, epochs: int = 6) -> dict:
     """Wall time of a whole short ``main.py`` run (a fresh process: imports, data, checkpoints and plots
     included) over its training + validation loop time, from metrics.csv. 1.0 would mean no overhead.
@@ -310,7 +336,7 @@ def run(args) -> dict:
     device = torch.device(args.device)
     amp = device.type == "cuda"  # the ratios are taken in the precision main.py trains in
     suffix, crop = " bf16" if amp else "", f"{args.batch_size}x{args.crop_size[0]}x{args.crop_size[1]}"
-    rows, times = [], onnx_times(args)
+    rows, times = [], {**onnx_times(args), **validation_times(args, device)}
     for mode in ("train", "infer"):  # inference steps are short: more rounds cost little and steady the ratio
         rounds = args.steps * (INFER_ROUNDS_FACTOR if mode == "infer" else 1)
         group_rows, group_times = time_group(group_specs(args, device, mode), device, args, rounds)
@@ -320,6 +346,7 @@ def run(args) -> dict:
         "fcn16_infer_over_trunk": (f"fcn16 infer 1x375x1242{suffix}", f"trunk infer 1x375x1242{suffix}"),
         "fcn16_over_fcn_resnet50": (f"fcn_resnet50 train {crop}{suffix}", f"fcn16 train {crop}{suffix}"),
         "onnxruntime_over_eager_cpu_infer": ("onnxruntime cpu", "eager cpu"),
+        "fcn16_validate_over_forward": ("fcn16 validate", "fcn16 forward"),
     }
     if amp:
         pairs["bf16_speedup_fcn16_train"] = (f"fcn16 train {crop}", f"fcn16 train {crop} bf16")

@@ -1,17 +1,23 @@
-"""engine.score_batch: the banded loss and class map equal the whole-image ones."""
+"""engine.score_batch: the banded loss and class map equal the whole-image cross-entropy and argmax."""
+import pytest
 import torch
 import torch.nn.functional as F
 
 from engine import BAND_ROWS, score_batch
 
 
-def test_banded_scoring_equals_cross_entropy_and_argmax_over_the_whole_image():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_banded_scoring_equals_cross_entropy_and_argmax_over_the_whole_image(memory_format):
     generator = torch.Generator().manual_seed(0)
     height = 2 * BAND_ROWS + 11  # two full bands and a partial one
-    scores = torch.randn(2, 19, height, 50, generator=generator)
+    scores = (4 * torch.randn(2, 19, height, 50, generator=generator)).contiguous(memory_format=memory_format)
     target = torch.randint(0, 19, (2, height, 50), generator=generator)
     target[0, BAND_ROWS - 3: BAND_ROWS + 3] = 255  # ignored pixels across a band boundary
+    scores[1, :, 5, 7] = 0.0  # a tie over every class: the first one wins, as with argmax
+    scores[1, 3, 9, 9] = float("-inf")  # a class whose averaged TTA probability underflowed
+    target[1, 9, 9] = 4
     loss, class_map = score_batch(scores, target)
     expected = F.cross_entropy(scores, target, ignore_index=255, reduction="sum")
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
     assert torch.equal(class_map, scores.argmax(1))
+    assert class_map[1, 5, 7] == 0
