@@ -2,11 +2,18 @@
 # Produces the GPU figures in docs/results.md: the benchmark on CUDA, then 50-epoch runs (fcn16 four ways, fcn32) on a
 # SYNTHETIC tree of KITTI's size (200 labelled images at KITTI resolutions), random init (no internet there).
 # bench.py needs onnxruntime and export.py onnxscript/onnx (requirements*.txt): carry the wheels if the machine lacks them.
-# Usage: bash scripts/gpu_results.sh OUT_DIR
+# Usage: bash scripts/gpu_results.sh OUT_DIR [STAGE ...]   stages: check (GPU-only tests, bench: ~4 min on an H100),
+# runs (five 50-epoch runs: ~5 min), suite (the whole test suite). Default: check runs. A device call may last at most
+# 10 minutes, so give each call one stage.
 set -euo pipefail
-out=${1:?usage: gpu_results.sh OUT_DIR}
+out=${1:?usage: gpu_results.sh OUT_DIR [check] [runs] [suite]}
+shift
+stages=" ${*:-check runs} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+has_stage() { [[ $stages == *" $1 "* ]]; }
+
+check() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/bench_cuda.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$out/bench_cuda.txt"
 # first, as they have never run on a GPU: the tests that only a GPU runs (skipped elsewhere), CUDA kill-and-resume
@@ -16,10 +23,12 @@ OMP_NUM_THREADS=4 python3 -m pytest -q -p no:cacheprovider tests/test_determinis
 tail -15 "$out/pytest_gpu.txt"
 python3 bench.py --device cuda --cityscapes --json "$out/bench_cuda.json" | tee -a "$out/bench_cuda.txt" \
   || echo "bench FAILED" | tee -a "$out/bench_cuda.txt"
+}
+
+runs() {
 python3 data_preprocessing.py --make-synthetic /tmp/kitti-synthetic --num 200 --num-test 8
 # 50-epoch runs: fcn16 and fcn32 with the defaults, then (issue 13) fcn16 with augmentation on the device, with
-# --compile, and with --deterministic (its cost). Each took 72-92 s on an H100 before issue 13's changes; if the
-# device time left is short, run the bench and the runs in separate calls.
+# --compile, and with --deterministic (its cost). Each took 72-92 s on an H100 before issue 13's changes.
 run() {  # name, flags...
   local name=$1; shift
   local start=$SECONDS
@@ -37,4 +46,16 @@ cp "$(ls /tmp/runs/fcn16/test_val/overlay/*.png | head -1)" "$out/overlay_fcn16.
 for variant in "device --augment-on device" "compile --compile" "deterministic --deterministic"; do
   set -- $variant
   run "fcn16_$1" --arch fcn16 "${@:2}" || echo "fcn16_$1 FAILED" | tee -a "$out/train_fcn16_$1.log"
+done
+}
+
+suite() {  # the whole suite, in parallel where pytest-xdist is installed (threads kept low so tests do not starve)
+  local parallel=()
+  python3 -c "import xdist" 2>/dev/null && parallel=(-n 4)
+  OMP_NUM_THREADS=2 python3 -m pytest -q -p no:cacheprovider "${parallel[@]}" > "$out/pytest_suite.txt" 2>&1 || true
+  tail -25 "$out/pytest_suite.txt"
+}
+
+for stage in check runs suite; do
+  if has_stage $stage; then $stage; fi
 done
