@@ -139,3 +139,23 @@ def test_force_replaces_an_existing_file(trained_run, tmp_path):
 def test_unusable_out_is_refused_before_loading(tmp_path, name, message):
     with pytest.raises(UserError, match=message):
         export.export(tmp_path / "no-checkpoint.pt", tmp_path / name)
+
+
+@pytest.mark.parametrize("height, width", [(188, 621), (185, 612), (17, 16), (1, 2)])
+def test_exportable_max_pool_equals_the_stems_max_pool(height, width):
+    x = torch.randn(2, 4, height, width, generator=torch.Generator().manual_seed(height))
+    assert torch.equal(export.ExportableMaxPool()(x), torch.nn.MaxPool2d(3, stride=2, padding=1)(x))
+
+
+@pytest.mark.slow
+def test_program_with_the_exportable_max_pool_gives_test_py_label_ids_at_the_other_parity(reference_model):
+    """The program torch < 2.13 exports (export.OLD_EXPORT), traced on 375 rows and run on 370: there, without
+    ExportableMaxPool, it refused any height of the other parity of (H - 1) // 2. Here it checks the values."""
+    model, label_set = reference_model
+    net = export.LabelIdNet(model, label_set, with_logits=True, exportable_max_pool=True)
+    assert isinstance(model.trunk.stem[3], torch.nn.MaxPool2d)  # the caller's model is left as it was
+    net.fcn.to(memory_format=torch.contiguous_format)  # as export.export does
+    image = kitti_image(FRAMES[0], (370, 1224))
+    with torch.no_grad():
+        label_ids, logits = export.export_program(net).module()(image)
+    assert_matches_reference(label_ids.numpy(), logits.numpy(), reference_model, image)
