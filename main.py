@@ -197,7 +197,7 @@ def train_from(args: argparse.Namespace, state: dict | None) -> Path:
     if ctx.is_main:
         print(f"done: best val mIoU {100 * run.best_miou:.2f}% (19-class benchmark); checkpoints, metrics.csv and "
               f"curves.png in {run.run_dir}\nevaluate with: python test.py --checkpoint {run.run_dir / 'best.pt'}")
-    distributed.cleanup()
+    run.close()
     return run.run_dir
 
 

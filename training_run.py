@@ -209,8 +209,15 @@ class TrainingRun:
             self.history_writer.write(self.history, final=True)
             print(f"\ninterrupted: saved {self.run_dir / 'last.pt'} {where}; continue with: python main.py --resume "
                   f"{self.run_dir / 'last.pt'}", flush=True)
-        distributed.cleanup()
+        self.close()
         raise SystemExit(130)
+
+    def close(self) -> None:
+        """Leave the process group, after dropping DDP's wrapper. Freed after the group, the wrapper's reducer is
+        the group's last owner and destroys it holding the GIL, while gloo's worker thread may need the GIL to
+        free a finished all-reduce: under torch 2.11, torchrun runs on 2 CPU cores hung there at exit."""
+        self.net = self.model
+        distributed.cleanup()
 
     def run_epochs(self) -> None:
         """The epochs left. Ctrl-C / SIGTERM stop at the next step (or after validation) with a checkpoint."""
