@@ -3,6 +3,7 @@ validation, checkpoints and history. main.py turns the command line into a run a
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import time
@@ -213,10 +214,12 @@ class TrainingRun:
         raise SystemExit(130)
 
     def close(self) -> None:
-        """Leave the process group, after dropping DDP's wrapper. Freed after the group, the wrapper's reducer is
+        """Leave the process group, after freeing DDP's wrapper. Freed after the group, the wrapper's reducer is
         the group's last owner and destroys it holding the GIL, while gloo's worker thread may need the GIL to
-        free a finished all-reduce: under torch 2.11, torchrun runs on 2 CPU cores hung there at exit."""
+        free a finished all-reduce: under torch 2.11, torchrun runs on 2 CPU cores hung there at exit. With
+        --compile, dynamo holds the wrapper in a reference cycle, hence the collection."""
         self.net = self.model
+        gc.collect()
         distributed.cleanup()
 
     def run_epochs(self) -> None:

@@ -130,3 +130,33 @@ def test_torchrun_validation_scores_on_every_rank_the_model_rank0_checkpoints(to
     finally:
         torch.set_num_threads(threads)
     assert checkpoint["history"][-1]["val_loss"] == pytest.approx(loss, rel=1e-6)
+
+
+CLOSE_PROBE = """
+import os, sys, types, weakref
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+import distributed, training_run
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=0, world_size=1)
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+run = types.SimpleNamespace(model=model, net=DistributedDataParallel(model))
+wrapper = weakref.ref(run.net)
+if sys.argv[2] == "compile":
+    run.net = torch.compile(run.net, backend="eager")
+run.net(torch.randn(2, 3, 8, 8)).sum().backward()
+alive_at_cleanup = []
+leave = distributed.cleanup
+distributed.cleanup = lambda: (alive_at_cleanup.append(wrapper() is not None), leave())
+training_run.TrainingRun.close(run)
+print("alive" if alive_at_cleanup[0] else "freed", "initialized" if dist.is_initialized() else "left")
+"""
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_close_frees_ddps_wrapper_before_leaving_the_process_group(mode):
+    """Freed after the group, DDP's reducer destroyed it holding the GIL: torchrun runs hung at exit under
+    torch 2.11 (gloo). With torch.compile, dynamo keeps the wrapper in a reference cycle."""
+    result = subprocess.run([sys.executable, "-c", CLOSE_PROBE, str(free_port()), mode], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["freed", "left"]
