@@ -38,7 +38,7 @@ from data_preprocessing import KittiSemantics
 from layouts import list_labelled
 from engine import predict, score_batch
 from export import LabelIdNet, export_program, save_onnx
-from labels import get_label_set
+from labels import IGNORE_INDEX, get_label_set
 from main import BATCH_SIZE, DEMO_SCENE_SIZE, WORKERS
 from metrics import ConfusionMatrix
 from model import ARCHS, ResNet18Trunk, build_model
@@ -250,13 +250,14 @@ def onnx_times(args, size: tuple[int, int] = FULL) -> dict[str, list[float]]:
     runs it (channels_last) and the exported ONNX file in onnxruntime with as many threads, timed interleaved."""
     log(f"onnxruntime vs eager, CPU, 1x{size[0]}x{size[1]}")
     label_set = get_label_set("train")
-    net = LabelIdNet(build_model("fcn16", label_set.num_classes, pretrained=False), label_set, with_logits=False)
+    fcn = build_model("fcn16", label_set.num_classes, pretrained=False)
     path = Path(tempfile.mkdtemp(prefix="bench-onnx-")) / "fcn16.onnx"
-    save_onnx(export_program(net), path, with_logits=False)
+    save_onnx(export_program(LabelIdNet(fcn, label_set, with_logits=False)), path, with_logits=False)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     image = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8)
+    net = LabelIdNet(fcn, label_set, with_logits=False, exportable_max_pool=False)  # the stem test.py runs
     net = net.to(memory_format=torch.channels_last).eval()
 
     def eager() -> None:
@@ -270,18 +271,22 @@ def onnx_times(args, size: tuple[int, int] = FULL) -> dict[str, list[float]]:
 
 def validation_times(args, device: torch.device, size: tuple[int, int] = FULL) -> dict[str, list[float]]:
     """FCN-16s validation of one full-size image as ``engine.evaluate`` does it (forward, loss, class map,
-    confusion matrix), and its forward pass alone (``engine.predict``), timed interleaved."""
+    confusion matrix, the running loss and pixel count), and its forward pass alone (``engine.predict``), timed
+    interleaved."""
     log(f"validation vs forward, 1x{size[0]}x{size[1]}")
     net = build_model("fcn16", 19, pretrained=False).to(device, memory_format=torch.channels_last).eval()
     image = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8)
     labels = torch.randint(0, 19, (1, *size), dtype=torch.uint8)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     confusion = ConfusionMatrix(19, device)
+    loss_and_count = torch.zeros(2, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def validate() -> None:
         target = labels.to(device).long()
         loss, prediction = score_batch(predict(net, image, device, amp_dtype), target)
+        loss_and_count[0] += loss
+        loss_and_count[1] += (target != IGNORE_INDEX).sum()
         confusion.update(prediction, target)
 
     forward = torch.no_grad()(lambda: predict(net, image, device, amp_dtype))

@@ -204,7 +204,8 @@ def score_batch(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     it needs. No (N, C, H, W) log-probabilities are made: on the CPU such a full-size temporary (19 x 375 x 1242
     floats, 35 MB) costs more in fresh pages than in arithmetic, so the CPU also works in bands of BAND_ROWS rows.
     Per KITTI frame of FCN-16s scores, 2 threads, against log_softmax + nll_loss + max in the same bands:
-    11.8 -> 11.0 ms (9.7 ms of it is the class map: ``max`` with indices); on channels_last scores 23.9 -> 17.8 ms."""
+    11.8 -> 11.0 ms (9.7 ms of it is the class map: ``max`` with indices); on channels_last scores 22.9-23.9 ->
+    16.6-17.8 ms."""
     rows = BAND_ROWS if scores.device.type == "cpu" else scores.shape[2]
     loss, maps = 0.0, []
     for band, band_target in zip(scores.split(rows, 2), target.split(rows, 1)):
