@@ -43,6 +43,7 @@ from main import BATCH_SIZE, DEMO_SCENE_SIZE, WORKERS
 from metrics import ConfusionMatrix
 from model import ARCHS, ResNet18Trunk, build_model
 from resident_batches import ResidentBatches
+from run_data import WORKER_START
 from samplers import SeededTrainSampler
 from synthetic_kitti import write_synthetic_kitti
 from training_run import worker_count
@@ -185,7 +186,7 @@ def loader_rate(dataset, batch_size: int, workers: int, timed_epochs: int) -> fl
     ``timed_epochs`` epochs are timed."""
     sampler = SeededTrainSampler(len(dataset), seed=0)
     loader = DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-                        persistent_workers=workers > 0)
+                        persistent_workers=workers > 0, multiprocessing_context=WORKER_START if workers else None)
     return epochs_rate(loader, sampler, torch.device("cpu"), timed_epochs)
 
 
