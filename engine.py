@@ -138,11 +138,16 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor,
     weights, the divisor is the sum of the valid pixels' weights, as in PyTorch's weighted mean.
     """
     loss = nll_sum(F.log_softmax(logits, dim=1), target, class_weights)
-    valid = target != IGNORE_INDEX
     if class_weights is None:
-        return loss / valid.sum().clamp(min=1)
-    pixel_weights = torch.where(valid, class_weights[target.masked_fill(~valid, 0)], 0)  # no host sync
-    return loss / pixel_weights.sum().clamp(min=1e-12)
+        return loss / (target != IGNORE_INDEX).sum().clamp(min=1)
+    return loss / pixel_weights(class_weights, target).sum().clamp(min=1e-12)
+
+
+def pixel_weights(weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``weight[class]`` for each pixel of (N, H, W) ``target``, 0 where it is IGNORE_INDEX. The whole map is
+    indexed (ignored pixels as class 0, then zeroed): indexing only the valid pixels would sync with the host."""
+    valid = target != IGNORE_INDEX
+    return torch.where(valid, weight[target.masked_fill(~valid, 0)], 0)
 
 
 def nll_sum(log_probabilities: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
@@ -162,7 +167,7 @@ def nll_sum(log_probabilities: torch.Tensor, target: torch.Tensor, weight: torch
     # where, not a product with the one-hot mask: a -inf log-probability (an underflowed TTA average) times 0 is NaN
     picked = torch.where(target.unsqueeze(1) == classes, log_probabilities, 0).sum(1)  # ignored pixels: 0
     if weight is not None:
-        picked = picked * weight[target.masked_fill(target == IGNORE_INDEX, 0)]
+        picked = picked * pixel_weights(weight, target)
     return -picked.sum()
 
 
