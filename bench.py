@@ -19,32 +19,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import onnxruntime
 import torch
-from torch.utils.data import BatchSampler, DataLoader
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from torchvision.models.segmentation import fcn_resnet50
 
-from augmentation import DATASET_DEFAULTS, train_augmentation
-from bench_timing import Case, log, paired_ratio, seconds, synchronize, time_group, warmed_interleaved_seconds
 from data_preprocessing import KittiSemantics
-from layouts import list_labelled
-from engine import predict, score_batch
-from export import LabelIdNet, export_program, save_onnx
 from labels import IGNORE_INDEX, get_label_set
-from main import BATCH_SIZE, DEMO_SCENE_SIZE, WORKERS
-from metrics import ConfusionMatrix
 from model import ARCHS, ResNet18Trunk, build_model
-from resident_batches import ResidentBatches
-from run_data import WORKER_START
-from samplers import SeededTrainSampler
-from synthetic_kitti import write_synthetic_kitti
-from training_run import worker_count
+from segmentation.augmentation import DATASET_DEFAULTS, train_augmentation
+from segmentation.engine import class_map, predict, score_batch
+from segmentation.layouts import list_labelled
+from segmentation.loading import WORKER_START, SeededTrainSampler
+from segmentation.metrics import ConfusionMatrix
+from segmentation.runtime import worker_count
+from segmentation.synthetic import DEMO_SIZE, write_synthetic_kitti
 
 FULL = (375, 1242)
 INFER_ROUNDS_FACTOR = 3  # the inference group runs --steps x this many rounds (a step is ~0.1 s on a CPU)
@@ -52,29 +51,129 @@ RATIOS = ("fcn16_train_over_trunk", "fcn16_infer_over_trunk", "fcn16_over_fcn_re
           "onnxruntime_over_eager_cpu_infer", "fcn16_validate_over_forward", "bf16_speedup_fcn16_train")
 
 
-def training_data_rates(args) -> dict:
-    """Images/s of training batches on KITTI-sized synthetic scenes: out of the DataLoader (augmentation in the
-    default number of workers) and as ``--augment-on device`` makes them (ResidentBatches on ``args.device``).
+# ---- how things are timed: network cases, steps interleaved round by round, paired ratios ----------------------
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
 
-    32 scenes are repeated to 256 samples an epoch, so that the per-epoch start of the iterator does not
-    dominate; two epochs are timed after one that starts the workers (or warms the device up).
+
+def peak_memory_mb(device: torch.device, baseline: int = 0) -> float:
+    """CUDA: the peak allocated since the last reset, less ``baseline`` bytes (memory held by other cases).
+    CPU: the whole process's peak resident size so far (Linux reports KiB)."""
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Case:
+    """One network in train or inference mode, on one input shape, under one precision."""
+
+    def __init__(self, net, batch: int, size: tuple[int, int], device, amp: bool, train: bool, trunk_only=False):
+        self.device, self.amp, self.train, self.trunk_only = device, amp, train, trunk_only
+        fmt = torch.channels_last if amp or device.type == "cpu" else torch.contiguous_format  # as main.py runs
+        self.net = net.to(device, memory_format=fmt).train(train)
+        self.x = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, 19, (batch, *size), device=device)
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=1e-4, momentum=0.9) if train else None
+
+    def output(self):
+        out = self.net(self.x)
+        return out[-1] if self.trunk_only else (out["out"] if isinstance(out, dict) else out)
+
+    def __call__(self):
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp), torch.set_grad_enabled(self.train):
+            out = self.output()
+            if not self.train:
+                return
+            loss = out.float().mean() if self.trunk_only else F.cross_entropy(out.float(), self.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not self.trunk_only:
+            self.optimizer.step()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(step: Callable[[], None], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_seconds(steps: dict[str, Callable[[], None]], device: torch.device,
+                        rounds: int) -> dict[str, list[float]]:
+    """Per case, ``rounds`` timings taken one step of each case per round, the order reversed every round."""
+    order, times = list(steps), {name: [] for name in steps}
+    for i in range(rounds):
+        for name in order if i % 2 == 0 else reversed(order):
+            times[name].append(seconds(steps[name], device))
+    return times
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> tuple[float, float]:
+    """Median of the per-round ratios numerator/denominator, and half their interquartile range."""
+    ratios = [a / b for a, b in zip(numerator, denominator)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), (q3 - q1) / 2
+
+
+def build_cases(specs: list[tuple], device: torch.device, warmup: int) -> tuple[dict[str, Case], list[dict]]:
+    """Build each case of ``specs`` and warm it up alone, which is also when its peak memory is measured.
+
+    A spec is (name, mode, net factory, batch, size, bf16, trunk_only); keys are "name mode batchxHxW [bf16]".
+    """
+    cases, rows = {}, []
+    for name, mode, make_net, batch, size, amp, trunk_only in specs:
+        key = f"{name} {mode} {batch}x{size[0]}x{size[1]}{' bf16' if amp else ''}"
+        log(key)
+        baseline = 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            baseline = torch.cuda.memory_allocated(device)
+        cases[key] = Case(make_net(), batch, size, device, amp, mode == "train", trunk_only)
+        for _ in range(warmup):
+            cases[key]()
+        rows.append({"key": key, "name": name, "mode": mode, "batch": batch, "size": list(size), "bf16": amp,
+                     "peak_mb": peak_memory_mb(device, baseline)})
+    return cases, rows
+
+
+def time_group(specs: list[tuple], device: torch.device, args,
+               rounds: int) -> tuple[list[dict], dict[str, list[float]]]:
+    """Warm up every case of ``specs``, then time them interleaved; rows for the table and the raw times."""
+    cases, rows = build_cases(specs, device, args.warmup)
+    log(f"timing {len(cases)} cases interleaved, {rounds} rounds")
+    times = interleaved_seconds(cases, device, rounds)
+    for row in rows:
+        ms = 1000 * statistics.median(times[row["key"]])
+        row.update(ms=ms, img_per_s=1000 * row["batch"] / ms)
+    return rows, times
+
+
+def warmed_interleaved_seconds(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                               rounds: int) -> dict[str, list[float]]:
+    """``warmup`` untimed calls of every step, then ``interleaved_seconds``."""
+    for step in list(steps.values()) * warmup:
+        step()
+    return interleaved_seconds(steps, device, rounds)
+
+
+# ---- what is measured -------------------------------------------------------------------------------------------
+def training_data_rates(args) -> dict:
+    """Images/s of training batches out of the DataLoader (augmentation in the default number of workers) on
+    KITTI-sized synthetic scenes. 32 scenes are repeated to 256 samples an epoch, so that the per-epoch start of
+    the iterator does not dominate; two epochs are timed after one that starts the workers.
     """
     root = Path(tempfile.mkdtemp(prefix="bench-kitti-"))
     write_synthetic_kitti(root, num_train=32, seed=0)
     names = list_labelled(root) * 8
     dataset = KittiSemantics(root, names, transform=train_augmentation(tuple(args.crop_size)), cache=True)
     log(f"data pipeline, {args.workers} workers")
-    loader = loader_rate(dataset, args.batch_size, args.workers, timed_epochs=2)
-    log(f"data pipeline, augmented on {args.device}")
-    return {"loader_img_per_s": loader, "resident_img_per_s": resident_rate(dataset, args.batch_size,
-                                                                             torch.device(args.device), 2)}
-
-
-def resident_rate(dataset, batch_size: int, device: torch.device, timed_epochs: int) -> float:
-    """Images/s of main.py's ``--augment-on device`` batches over ``dataset`` on ``device`` (one epoch of warm-up)."""
-    sampler = SeededTrainSampler(len(dataset), seed=0)
-    batches = ResidentBatches(dataset, BatchSampler(sampler, batch_size, drop_last=True), device)
-    return epochs_rate(batches, sampler, device, timed_epochs)
+    return {"loader_img_per_s": loader_rate(dataset, args.batch_size, args.workers, timed_epochs=2)}
 
 
 def loader_rate(dataset, batch_size: int, workers: int, timed_epochs: int) -> float:
@@ -83,19 +182,12 @@ def loader_rate(dataset, batch_size: int, workers: int, timed_epochs: int) -> fl
     sampler = SeededTrainSampler(len(dataset), seed=0)
     loader = DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                         persistent_workers=workers > 0, multiprocessing_context=WORKER_START if workers else None)
-    return epochs_rate(loader, sampler, torch.device("cpu"), timed_epochs)
-
-
-def epochs_rate(batches, sampler: SeededTrainSampler, device: torch.device, timed_epochs: int) -> float:
-    """Images/s of ``batches`` over ``timed_epochs`` epochs of ``sampler``, after one untimed epoch."""
-    for _ in batches:
+    for _ in loader:
         pass
-    synchronize(device)
     start, images = time.perf_counter(), 0
     for epoch in range(1, timed_epochs + 1):
         sampler.set_epoch(epoch)
-        images += sum(len(batch[0]) for batch in batches)
-    synchronize(device)
+        images += sum(len(batch[0]) for batch in loader)
     return images / (time.perf_counter() - start)
 
 
@@ -104,8 +196,8 @@ def cityscapes_loading(args, num_scenes: int = 24) -> dict:
     ~25 GB), with main.py's worker count and with twice as many, against FCN-16s train steps at the default
     512x1024 crop, batch 8 (bf16 on CUDA)."""
     from data_preprocessing import SegmentationDataset
-    from layouts import default_split_for
-    from synthetic_kitti import write_synthetic_cityscapes
+    from segmentation.layouts import default_split_for
+    from segmentation.synthetic import write_synthetic_cityscapes
     root = Path(tempfile.mkdtemp(prefix="bench-cityscapes-"))
     log(f"writing {num_scenes} synthetic 1024x2048 Cityscapes scenes")
     write_synthetic_cityscapes(root, num_train=num_scenes, num_val=1, seed=0, size=(1024, 2048))
@@ -143,23 +235,27 @@ def largest_batch(arch: str, device, amp: bool, size=FULL, limit: int = 256) -> 
 
 
 def onnx_times(args, size: tuple[int, int] = FULL) -> dict[str, list[float]]:
-    """export.py's deployed computation (uint8 image -> label ids) for a random fcn16, on the CPU: eager as test.py
-    runs it (channels_last) and the exported ONNX file in onnxruntime with as many threads, timed interleaved."""
+    """The deployed computation (uint8 image -> label ids) of a random fcn16 on the CPU: the file that
+    ``export.py`` writes, run in onnxruntime with as many threads, against the same computation in eager PyTorch
+    as test.py runs it (channels_last, the model's own stem), timed interleaved."""
     log(f"onnxruntime vs eager, CPU, 1x{size[0]}x{size[1]}")
     label_set = get_label_set("train")
-    fcn = build_model("fcn16", label_set.num_classes, pretrained=False)
-    path = Path(tempfile.mkdtemp(prefix="bench-onnx-")) / "fcn16.onnx"
-    save_onnx(export_program(LabelIdNet(fcn, label_set, with_logits=False)), path, with_logits=False)
+    fcn = build_model("fcn16", label_set.num_classes, pretrained=False).eval()
+    folder = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
+    torch.save({"model": fcn.state_dict(), "arch": "fcn16", "num_classes": label_set.num_classes,
+                "label_set": label_set.name}, folder / "fcn16.pt")
+    subprocess.run([sys.executable, str(Path(__file__).with_name("export.py")), "--checkpoint",
+                    str(folder / "fcn16.pt"), "--out", str(folder / "fcn16.onnx")], check=True, capture_output=True)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(folder / "fcn16.onnx"), options, providers=["CPUExecutionProvider"])
     image = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8)
-    net = LabelIdNet(fcn, label_set, with_logits=False, exportable_max_pool=False)  # the stem test.py runs
-    net = net.to(memory_format=torch.channels_last).eval()
+    fcn = fcn.to(memory_format=torch.channels_last)
+    class_to_id = torch.from_numpy(label_set.class_to_id.copy())
 
     def eager() -> None:
         with torch.inference_mode():
-            net(image)
+            class_to_id[class_map(predict(fcn, image, torch.device("cpu")))]
     steps = {"eager cpu": eager, "onnxruntime cpu": lambda: session.run(None, {"image": image.numpy()})}
     return warmed_interleaved_seconds(steps, torch.device("cpu"), args.warmup, args.steps)
 
@@ -196,14 +292,13 @@ def wall_over_compute(args, epochs: int = 6) -> dict:
     The tree is KITTI-shaped and small enough for a CPU: 30 labelled scenes at half KITTI size (24 train,
     6 val), crops of 160, batch 4; on CUDA, KITTI-size scenes and the default crop."""
     import csv
-    import subprocess
     half = args.device == "cpu"
     root = Path(tempfile.mkdtemp(prefix="bench-wall-"))
-    write_synthetic_kitti(root / "data", num_train=30, seed=0, size=DEMO_SCENE_SIZE if half else None)
+    write_synthetic_kitti(root / "data", num_train=30, seed=0, size=DEMO_SIZE if half else None)
     command = [sys.executable, str(Path(__file__).with_name("main.py")), "--no-pretrained", "--device", args.device,
                "--data-root", str(root / "data"), "--out", str(root / "run"), "--epochs", str(epochs), "--workers",
                str(args.workers), "--batch-size", "4" if half else str(args.batch_size)]
-    command += ["--crop-size", "160", "--base-size", str(DEMO_SCENE_SIZE[0])] if half else []
+    command += ["--crop-size", "160", "--base-size", str(DEMO_SIZE[0])] if half else []
     log(f"a {epochs}-epoch main.py run on {root / 'data'}")
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
@@ -261,8 +356,7 @@ def run(args) -> dict:
         result[key], result[f"{key}_spread"] = paired_ratio(times[numerator], times[denominator])
     fcn16_step_rate = args.batch_size / statistics.median(times[pairs["fcn16_train_over_trunk"][0]])
     rates = training_data_rates(args)
-    result.update(rates, loader_over_step=rates["loader_img_per_s"] / fcn16_step_rate,
-                  resident_over_step=rates["resident_img_per_s"] / fcn16_step_rate, rows=rows)
+    result.update(rates, loader_over_step=rates["loader_img_per_s"] / fcn16_step_rate, rows=rows)
     result.update(wall_over_compute(args))
     if args.cityscapes:
         result.update(cityscapes_loading(args))
@@ -283,7 +377,7 @@ def print_table(result: dict) -> None:
     for key in RATIOS:
         if key in result:
             print(f"{key:<36}{result[key]:.3f} +- {result[f'{key}_spread']:.3f}")
-    for key in ["loader_over_step", "loader_img_per_s", "resident_over_step", "resident_img_per_s",
+    for key in ["loader_over_step", "loader_img_per_s",
                 "wall_over_compute", "wall_seconds", "loop_seconds",
                 "largest_full_res_batch_fcn16_bf16"] + [k for k in result if k.startswith("cityscapes_")]:
         if key in result:
@@ -294,10 +388,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--batch-size", type=int, default=8, help="training batch (default %(default)s, main.py's)")
     p.add_argument("--crop-size", type=int, nargs=2, default=list(DATASET_DEFAULTS["kitti"]["crop_size"]),
                    metavar=("H", "W"), help="training crop (default: main.py's for KITTI, %(default)s)")
-    p.add_argument("--workers", type=int, default=worker_count(WORKERS, 1),
+    p.add_argument("--workers", type=int, default=worker_count("auto", 1),
                    help="DataLoader workers (default: main.py's)")
     p.add_argument("--steps", type=int, default=10, help="interleaved rounds timed; trunk/FCN inference: 3x as many "
                    "(default %(default)s)")

@@ -8,6 +8,10 @@ crosses the bus as bytes, not floats.
 
 Command line: ``--make-synthetic DIR --num N [--layout cityscapes]`` writes a synthetic tree, ``--download
 ROOT`` fetches KITTI, ``--check ROOT [--layout cityscapes]`` reads every file of a tree and reports problems.
+
+KITTI publishes no checksum for its archive, so ``download_kitti`` checks it twice: every member's CRC-32 inside
+the zip (a truncated download has no central directory and fails to open), then the file counts of the
+extracted layout; a half archive is never left looking complete.
 """
 from __future__ import annotations
 
@@ -16,18 +20,22 @@ import os
 import re
 import struct
 import sys
+import urllib.error
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
+from urllib.parse import urlparse
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.datasets.utils import download_url, extract_archive
 
-from errors import UserError
 from labels import IGNORE_INDEX, VALID_IDS, LabelSet, get_label_set
-from layouts import DATASETS, default_split_for, get_layout, list_test_images
+from segmentation import UserError
+from segmentation.layouts import DATASETS, default_split_for, get_layout, list_test_images
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,6 +45,8 @@ _ALLOWED_IDS = np.zeros(256, bool)
 _ALLOWED_IDS[VALID_IDS] = True
 _ALLOWED_IDS[IGNORE_INDEX] = True
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+KITTI_URL = "https://s3.eu-central-1.amazonaws.com/avg-kitti/data_semantics.zip"
+KITTI_COUNTS = {"training/image_2": 200, "training/semantic": 200, "testing/image_2": 200}
 
 
 # --- reading one file --------------------------------------------------------------------------------------
@@ -156,23 +166,17 @@ class SegmentationDataset(Dataset):
             return self._cache[index][1]
         return self.label_set.id_to_class[read_label(self.paths[index][1], self.layout.label_hint)]
 
-    def pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The untransformed ``(uint8 image (3, H, W), uint8 label (H, W))`` of one image."""
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(uint8 image (3, H, W), uint8 label (H, W))``, transformed. With a ``seed`` (``key = (index, seed)``)
+        the transform draws from a generator seeded with it, so a sample is augmented the same way in whichever
+        worker makes it; without one, from the global generator."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image, label = self._cache[index] if self._cache is not None else self._load(index)
-        return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(label)
-
-    def augment(self, image: torch.Tensor, label: torch.Tensor, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``transform`` applied to one pair on whatever device it is on. With a ``seed``, its random parameters
-        come from a CPU generator seeded with it, so a sample is augmented the same way in a DataLoader worker
-        and on the GPU (see resident_batches.py); without one, from the global generator."""
+        image, label = torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(label)
         if self.transform is not None:
             generator = None if seed is None else torch.Generator().manual_seed(seed)
             image, label = self.transform(image, label, generator)
         return image.contiguous(), label.contiguous()
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        return self.augment(*self.pair(index), seed)
 
 
 class KittiSemantics(SegmentationDataset):
@@ -204,6 +208,51 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() - mean) / std
 
 
+def _count_png(root: Path, counts: dict[str, int]) -> dict[str, int]:
+    return {sub: len(list((root / sub).glob("*.png"))) for sub in counts}
+
+
+def verify_zip(path: Path) -> None:
+    """Raise UserError (and delete the file) unless it is a complete zip whose every member passes its CRC."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        bad_member = f"({error})"
+    if bad_member is not None:
+        path.unlink(missing_ok=True)
+        raise UserError(f"{path}: download is truncated or corrupt at {bad_member}; it was deleted, run --download "
+                        "again")
+
+
+def download_kitti(root: str | Path, url: str = KITTI_URL, expected_counts: dict[str, int] = KITTI_COUNTS) -> Path:
+    """Download (atomically: ``.part`` then rename after verification), extract into ``root``, check the layout."""
+    root = Path(root)
+    if _count_png(root, expected_counts) == expected_counts:
+        return root
+    archive = root / Path(urlparse(url).path).name
+    if archive.is_file():
+        verify_zip(archive)
+    else:
+        part = archive.with_name(archive.name + ".part")
+        part.unlink(missing_ok=True)  # torchvision would take any existing file as complete
+        try:
+            download_url(url, str(root), part.name)
+        except (urllib.error.URLError, OSError, RuntimeError) as error:
+            part.unlink(missing_ok=True)
+            raise UserError(f"downloading {url} failed ({error}); check the connection, or download the file "
+                            f"by hand to {archive} and run again") from None
+        verify_zip(part)
+        os.replace(part, archive)
+    extract_archive(str(archive), str(root))
+    found = _count_png(root, expected_counts)
+    if found != expected_counts:
+        raise UserError(f"{archive} extracted to {root} with {found} PNG files, expected {expected_counts}; "
+                        f"delete {archive} and run --download again")
+    return root
+
+
+# --- the command line ---------------------------------------------------------------------------------------
 def check_tree(root: Path, dataset: str = "kitti") -> str:
     """Read every labelled pair under ``root`` (raising on the first problem) and summarise the tree."""
     root = Path(root)
@@ -218,7 +267,7 @@ def check_tree(root: Path, dataset: str = "kitti") -> str:
 
 def make_synthetic(args: argparse.Namespace) -> str:
     """Write the synthetic tree that ``--make-synthetic`` asks for; return the line to print."""
-    from synthetic_kitti import write_synthetic_cityscapes, write_synthetic_kitti
+    from segmentation.synthetic import write_synthetic_cityscapes, write_synthetic_kitti
     size = tuple(args.size) if args.size else None
     if args.layout == "cityscapes":
         write_synthetic_cityscapes(args.make_synthetic, args.num, args.num_val, args.num_test, args.seed, size)
@@ -248,7 +297,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.make_synthetic:
             print(make_synthetic(args))
         if args.download:
-            from kitti_download import download_kitti
             print(f"KITTI semantics ready in {download_kitti(args.download)}")
         if args.check:
             print(check_tree(args.check, args.layout))

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_preprocessing import normalize
-from errors import UserError
 from labels import LabelSet
-from test import load_model
+from segmentation import UserError
+from segmentation.checkpoint import load_model
 
 FORMATS = ("onnx", "pt2")
 EXAMPLE_SIZE = (375, 1242)  # a KITTI frame; the trace is dynamic in both, so any size would do
@@ -41,8 +41,7 @@ class ExportableMaxPool(nn.Module):
     row and column kept: the same values (a maximum is exact). torch.export before 2.13 specialises a stride-2
     max_pool2d's output size on the parity of (H - 1) // 2 (its shape function's ``div_rtn``), so a program
     traced on a 375-row frame refused 370 rows; at stride 1 every size stays symbolic. Used only there
-    (``OLD_EXPORT``): onnxruntime ran the file with it in 142 ms against 135 ms without (medians of 30
-    interleaved rounds, FCN-16s, a KITTI frame, 2 CPU threads)."""
+    (``OLD_EXPORT``): it costs onnxruntime a little time (docs/results.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(x, 3, stride=1, padding=1)[..., ::2, ::2]
@@ -87,7 +86,8 @@ def save_onnx(program: torch.export.ExportedProgram, path: Path, with_logits: bo
 
 
 def save_atomically(program: torch.export.ExportedProgram, path: Path, fmt: str, with_logits: bool) -> None:
-    """Write beside ``path`` and rename, as checkpoint.py does, so a failed export never leaves half a file."""
+    """Write beside ``path`` and rename, as segmentation/checkpoint.py does, so a failed export never leaves half a
+    file."""
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         if fmt == "onnx":

@@ -1,10 +1,53 @@
-"""Train FCN-32s / FCN-16s / FCN-8s on KITTI semantics.
+"""Train FCN-32s / FCN-16s / FCN-8s on KITTI semantics: the recipe, top to bottom in ``train``.
 
     python main.py --arch fcn16                       # one GPU (or the CPU)
     torchrun --nproc_per_node=4 main.py --arch fcn16  # four GPUs, DDP
     python main.py --demo                             # whole loop on synthetic data, no download needed
     python main.py --resume runs/x/last.pt            # continue exactly where a run stopped
 """
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from data_preprocessing import download_kitti
+from labels import LABEL_SETS, get_label_set
+from model import ARCHS, build_model, count_parameters
+from segmentation import UserError, runtime
+from segmentation.checkpoint import (
+    CheckpointWriter,
+    initialise_from,
+    load_checkpoint,
+    require_training_state,
+    restore,
+    save_checkpoint,
+)
+from segmentation.engine import (
+    EpochProgress,
+    NonFiniteLoss,
+    autocast,
+    evaluate,
+    make_optimizer,
+    segmentation_loss,
+    to_model_input,
+    train_one_epoch,
+)
+from segmentation.layouts import DATASETS
+from segmentation.loading import WEIGHTINGS, StartedEpoch, make_loaders
+from segmentation.metrics import evaluation_report
+from segmentation.records import HistoryWriter, epoch_line, epoch_record, make_run_dir
+
 # ---- Hyperparameters: edit here, or override with the flag of the same name (--batch-size for BATCH_SIZE) ----
 ARCH = "fcn16"                   # fcn32 | fcn16 | fcn8
 DATASET = "kitti"                # kitti | cityscapes (official layout; see README "From Cityscapes to KITTI")
@@ -13,7 +56,7 @@ BATCH_SIZE = 8                   # images per step and per process (DDP: total =
 CROP_SIZE = None                 # training crop, H or (H, W) pixels; None: KITTI 320x320, Cityscapes 512x1024
 BASE_SIZE = None                 # scaling draws the shorter side from 0.5-2.0 x this; None: the frame height
 LR = 0.01                        # peak SGD learning rate, reached after warm-up (not scaled with DDP)
-MOMENTUM = 0.9                   # SGD momentum
+MOMENTUM = 0.9                   # SGD momentum, in [0, 1)
 WEIGHT_DECAY = 1e-4              # L2 on convolution weights (not on BatchNorm, biases or the x2 upsampling)
 WARMUP_EPOCHS = 1.0              # linear warm-up from 0.1 x LR over this many epochs, then poly decay
 POLY_POWER = 0.9                 # lr = LR x (1 - progress) ^ POLY_POWER, stepped every iteration
@@ -23,74 +66,65 @@ DATA_ROOT = "data/data_semantics"  # KITTI: folder holding training/ and testing
 OUT_DIR = None                   # run folder; None -> runs/<arch>-<date>-<time>; never overwritten
 SEED = 0                         # shuffling, augmentation and initialisation (the train/val split is fixed)
 AMP = True                       # CUDA only: bf16 autocast where supported, else fp16 with loss scaling
-COMPILE = False                  # torch.compile the training step's network (measure first: see docs/results.md)
 DETERMINISTIC = False            # CUDA: deterministic kernels, a resumed run bit-identical to an unbroken one; slower
-WORKERS = "auto"                 # DataLoader processes per training process; auto: from the CPU count
-AUGMENT_ON = "workers"           # workers (loader processes) | device: images kept on the GPU and augmented there
+WORKERS = "auto"                 # DataLoader processes per training process: a number, or auto (from the CPU count)
 PRETRAINED = True                # ImageNet ResNet18 trunk (downloaded once, or --backbone-weights PATH)
 CACHE_GB = None                  # keep decoded images in memory up to this size; None: half the free memory; 0: off
 LOG_EVERY = 10                   # steps between loss read-backs / progress lines
 # ------------------------------------------------------------------------------------------------------------
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+RESUMABLE_FLAGS = {"resume", "device", "workers", "data_root", "deterministic"}  # where and how it runs, not what
 
-import torch  # noqa: E402
 
-import distributed  # noqa: E402
-from checkpoint import load_checkpoint, require_training_state  # noqa: E402
-from determinism import deterministic_algorithms  # noqa: E402
-from errors import UserError  # noqa: E402
-from model import ARCHS  # noqa: E402
-from training_run import TrainingRun  # noqa: E402
-
-RESUMABLE_FLAGS = {"resume", "device", "workers", "augment_on", "data_root", "deterministic",
-                   "compile"}  # what --resume may change: where and how it runs, not what it computes
+def readable(kind: type) -> Callable[[str], object]:
+    """A flag's type that keeps text it cannot read as ``kind``: ``check_args`` then names the value in one line,
+    as it does for the block's constants (argparse would print its usage instead)."""
+    def convert(text: str) -> object:
+        try:
+            return kind(text)
+        except ValueError:
+            return text
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default=ARCH, choices=ARCHS, help="(default %(default)s)")
-    p.add_argument("--dataset", default=DATASET, choices=("kitti", "cityscapes"), help="(default %(default)s)")
+    p.add_argument("--arch", default=ARCH, help=f"{' | '.join(ARCHS)} (default %(default)s)")
+    p.add_argument("--dataset", default=DATASET, help=f"{' | '.join(DATASETS)} (default %(default)s)")
     for name, value, kind in (("epochs", EPOCHS, int), ("batch-size", BATCH_SIZE, int), ("lr", LR, float),
                               ("momentum", MOMENTUM, float), ("weight-decay", WEIGHT_DECAY, float),
                               ("warmup-epochs", WARMUP_EPOCHS, float), ("poly-power", POLY_POWER, float),
                               ("seed", SEED, int), ("log-every", LOG_EVERY, int)):
-        p.add_argument(f"--{name}", type=kind, default=value, help="(default %(default)s)")
-    p.add_argument("--crop-size", type=int, nargs="+", default=CROP_SIZE, metavar="H [W]",
-                   help="training crop (default: the dataset's)")
-    p.add_argument("--base-size", type=int, default=BASE_SIZE, help="scaling reference (default: the dataset's)")
-    p.add_argument("--workers", default=WORKERS, help="DataLoader processes per training process, or auto "
-                   "(default %(default)s)")
-    p.add_argument("--augment-on", default=AUGMENT_ON, choices=("workers", "device"),
-                   help="where training crops are made: loader workers, or the training device from the cached images "
-                   "kept there (default %(default)s)")
-    p.add_argument("--label-set", default=LABEL_SET, choices=("train", "full"), help="(default %(default)s)")
-    p.add_argument("--class-weights", default=CLASS_WEIGHTS, choices=("none", "median-freq", "log"),
-                   help="class balancing of the cross-entropy (default %(default)s)")
-    p.add_argument("--data-root", type=Path, default=Path(DATA_ROOT), help="(default %(default)s)")
+        p.add_argument(f"--{name}", type=readable(kind), default=value, help="(default %(default)s)")
+    p.add_argument("--crop-size", type=readable(int), nargs="+", default=CROP_SIZE, metavar="H [W]",
+                   help="training crop (default %(default)s; None: the dataset's)")
+    p.add_argument("--base-size", type=readable(int), default=BASE_SIZE,
+                   help="scaling reference (default %(default)s; None: the dataset's)")
+    p.add_argument("--workers", type=readable(int), default=WORKERS,
+                   help="DataLoader processes per training process, or auto (default %(default)s)")
+    p.add_argument("--label-set", default=LABEL_SET, help=f"{' | '.join(LABEL_SETS)} (default %(default)s)")
+    p.add_argument("--class-weights", default=CLASS_WEIGHTS,
+                   help=f"class balancing of the cross-entropy: {' | '.join(WEIGHTINGS)} (default %(default)s)")
+    p.add_argument("--data-root", type=Path, default=DATA_ROOT, help="(default %(default)s)")
     p.add_argument("--download", action="store_true", help="download KITTI into --data-root first")
     p.add_argument("--split-dir", type=Path, help="folder with train.txt/val.txt (default: KITTI's fixed 80/20 "
                    "split, Cityscapes' official split)")
-    p.add_argument("--out", type=Path, default=OUT_DIR, help="run folder (default runs/<arch>-<time>)")
+    p.add_argument("--out", type=Path, default=OUT_DIR, help="run folder (default %(default)s: runs/<arch>-<time>)")
     p.add_argument("--resume", type=Path, help="continue a run from its last.pt (config comes from the checkpoint)")
     p.add_argument("--init-from", type=Path, help="start from a checkpoint's weights: the same architecture "
                    "(fine-tuning, e.g. Cityscapes -> KITTI) or a coarser one (FCN32s -> FCN16s)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto; on --resume the run's)")
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=PRETRAINED,
-                   help="random trunk instead of ImageNet weights")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=PRETRAINED,
+                   help="ImageNet trunk, or (--no-pretrained) random weights (default %(default)s)")
     p.add_argument("--backbone-weights", help="ResNet18 ImageNet state_dict file, for machines without internet")
-    p.add_argument("--no-amp", dest="amp", action="store_false", default=AMP, help="float32 on CUDA")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
-                   help="torch.compile the network for training steps; validation stays eager (default %(default)s)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=AMP,
+                   help="CUDA: bf16/fp16 autocast; --no-amp: float32 (default %(default)s)")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=DETERMINISTIC,
                    help="deterministic kernels only (no cuDNN autotuning), so that a resumed CUDA run ends "
                    "bit-identical to an uninterrupted one; slower. CPU runs are bit-exact without it "
                    "(default %(default)s)")
-    p.add_argument("--cache-gb", type=float, default=CACHE_GB, help="memory budget of the decoded-image cache "
-                   "(default: half the available memory)")
+    p.add_argument("--cache-gb", type=readable(float), default=CACHE_GB,
+                   help="memory budget of the decoded-image cache (default %(default)s: half the available memory)")
     p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0.0, help="decode PNGs every epoch")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across DDP processes")
     p.add_argument("--demo", nargs="?", const="", metavar="DIR",
@@ -99,35 +133,67 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, with ``explicit``: the names of those given on the command line (for --resume's contract)."""
-    args = build_parser().parse_args(argv)
-    detector = build_parser()
-    for action in detector._actions:  # no defaults: the namespace then holds only what argv named
-        action.default = argparse.SUPPRESS
-    args.explicit = sorted(vars(detector.parse_args(argv)))
+    """The flags, with ``explicit``: the names of those given on the command line (for --resume's contract).
+    argparse leaves alone what a namespace already holds, so parsing ``argv`` again into one that holds a marker
+    for every name shows which names the command line set."""
+    parser, unset = build_parser(), object()
+    args = parser.parse_args(argv)
+    given = parser.parse_args(argv, argparse.Namespace(**{name: unset for name in vars(args)}))
+    args.explicit = sorted(name for name, value in vars(given).items() if value is not unset)
     return args
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Refuse meaningless values up front, each with one line naming the flag and the fix."""
-    checks = (("--epochs", args.epochs, args.epochs >= 1, "at least 1"),
-              ("--batch-size", args.batch_size, args.batch_size >= 1, "at least 1"),
-              ("--lr", args.lr, args.lr > 0, "a positive learning rate, e.g. 0.01"),
-              ("--momentum", args.momentum, 0 <= args.momentum < 1, "in [0, 1), e.g. 0.9"),
-              ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "0 or more, e.g. 1e-4"),
-              ("--warmup-epochs", args.warmup_epochs, args.warmup_epochs >= 0, "0 or more, e.g. 1"),
-              ("--poly-power", args.poly_power, args.poly_power >= 0, "0 or more, e.g. 0.9"),
-              ("--log-every", args.log_every, args.log_every >= 1, "at least 1"),
-              ("--cache-gb", args.cache_gb, args.cache_gb is None or args.cache_gb >= 0, "0 (off) or more"),
-              ("--crop-size", args.crop_size,
-               args.crop_size is None or (len(args.crop_size) <= 2 and min(args.crop_size) >= 32),
-               "H or H W, each at least 32"),
-              ("--base-size", args.base_size, args.base_size is None or args.base_size >= 32, "at least 32"),
-              ("--workers", args.workers, args.workers == "auto" or (args.workers.isdigit()), "auto or 0 or more"))
-    for flag, value, ok, expected in checks:
-        if not ok:
-            shown = " ".join(map(str, value)) if isinstance(value, list) else value
-            raise UserError(f"{flag} {shown} is not valid: use {expected}")
+def whole(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# what each setting accepts: (test, what to write instead); the block's constant is the flag's name in capitals
+ACCEPTS = {
+    "arch": (lambda v: v in ARCHS, " | ".join(ARCHS)),
+    "dataset": (lambda v: v in DATASETS, " | ".join(DATASETS)),
+    "epochs": (lambda v: whole(v, 1), "a whole number, at least 1"),
+    "batch_size": (lambda v: whole(v, 1), "a whole number, at least 1"),
+    "crop_size": (lambda v: v is None or (len(v) == 2 and all(whole(x, 32) for x in v)),
+                  "None, H or (H, W): whole numbers of pixels, each at least 32"),
+    "base_size": (lambda v: v is None or whole(v, 32), "None or a whole number of pixels, at least 32"),
+    "lr": (lambda v: real(v) and v > 0, "a positive learning rate, e.g. 0.01"),
+    "momentum": (lambda v: real(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.9"),
+    "weight_decay": (lambda v: real(v) and v >= 0, "0 or more, e.g. 1e-4"),
+    "warmup_epochs": (lambda v: real(v) and v >= 0, "0 or more epochs, e.g. 1"),
+    "poly_power": (lambda v: real(v) and v >= 0, "0 or more, e.g. 0.9"),
+    "label_set": (lambda v: v in LABEL_SETS, " | ".join(LABEL_SETS)),
+    "class_weights": (lambda v: v in WEIGHTINGS, " | ".join(WEIGHTINGS)),
+    "data_root": (lambda v: isinstance(v, Path), "a folder, e.g. \"data/data_semantics\""),
+    "out": (lambda v: v is None or isinstance(v, Path), "None or a folder, e.g. \"runs/fcn16-a\""),
+    "seed": (lambda v: whole(v, 0), "a whole number, 0 or more"),
+    "amp": (lambda v: isinstance(v, bool), "True or False"),
+    "deterministic": (lambda v: isinstance(v, bool), "True or False"),
+    "workers": (lambda v: v == "auto" or whole(v, 0), "auto or a whole number, 0 or more"),
+    "pretrained": (lambda v: isinstance(v, bool), "True or False"),
+    "cache_gb": (lambda v: v is None or (real(v) and v >= 0), "None, 0 (off) or a size in GB"),
+    "log_every": (lambda v: whole(v, 1), "a whole number, at least 1"),
+}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Take each setting in the forms the block's comments promise (``CROP_SIZE = 320`` or ``(320, 640)``, a
+    folder as text, ``WORKERS = 4``) and refuse a meaningless one up front, in one line naming the constant."""
+    if isinstance(args.crop_size, int) and not isinstance(args.crop_size, bool):
+        args.crop_size = (args.crop_size, args.crop_size)
+    elif isinstance(args.crop_size, (list, tuple)) and len(args.crop_size) in (1, 2):
+        args.crop_size = (args.crop_size[0], args.crop_size[-1])
+    for name in ("data_root", "out"):
+        if isinstance(getattr(args, name), str):
+            setattr(args, name, Path(getattr(args, name)))
+    for name, (accepts, expected) in ACCEPTS.items():
+        value = getattr(args, name)
+        if not accepts(value):
+            shown = f"({', '.join(map(str, value))})" if isinstance(value, tuple) else repr(value)
+            raise UserError(f"{name.upper()} = {shown} (--{name.replace('_', '-')}) is not valid: use {expected}")
     if args.resume and args.init_from:
         raise UserError("--resume and --init-from exclude each other: --resume continues a run, --init-from starts one")
 
@@ -139,7 +205,7 @@ def args_from_checkpoint(state: dict, cli: argparse.Namespace) -> argparse.Names
     if changed:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
         raise UserError(f"--resume continues {cli.resume} exactly as it was configured, so {flags} cannot change; "
-                        f"to train on with other settings start a new run with --init-from {cli.resume}")
+                        f"to train on with other settings start a new run with --init-from {quoted(cli.resume)}")
     args = argparse.Namespace(**{**vars(build_parser().parse_args([])), **state["config"]})
     for key in ("data_root", "split_dir", "out", "init_from"):
         setattr(args, key, Path(getattr(args, key)) if getattr(args, key) else None)
@@ -156,69 +222,188 @@ def load_resume_state(args: argparse.Namespace) -> tuple[argparse.Namespace, dic
         return args, None
     last = args.resume.parent / "last.pt"
     if last.is_file() and args.resume.resolve() != last.resolve():  # e.g. best.pt: it would rewind the run
-        raise UserError(f"{args.resume}: a run continues from its last.pt, so resume with --resume {last}; to start a "
-                        f"new run from this checkpoint's weights, use --init-from {args.resume}")
+        raise UserError(f"{args.resume}: a run continues from its last.pt, so resume with --resume {quoted(last)}; "
+                        f"to start a new run from this checkpoint's weights, use --init-from {quoted(args.resume)}")
     state = load_checkpoint(args.resume)
     require_training_state(state, args.resume)
     args = args_from_checkpoint(state, args)
+    check_args(args)
     if state["epoch"] >= args.epochs:
         raise UserError(f"{args.resume}: the run already finished its {args.epochs} epochs; evaluate it with "
-                        f"python test.py --checkpoint {args.resume.parent / 'best.pt'}, or train on with a new run: "
-                        f"--init-from {args.resume} --epochs N")
+                        f"python test.py --checkpoint {quoted(args.resume.parent / 'best.pt')}, or train on with a "
+                        f"new run: --init-from {quoted(args.resume)} --epochs N")
     return args, state
 
 
 def train(args: argparse.Namespace) -> Path:
-    """The whole job: data, model, epochs of training and validation, checkpoints. Returns the run folder."""
-    validate_args(args)
+    """The recipe: settings, data, model, optimiser and schedule, resume, then the epochs. Returns the run folder;
+    an interrupted run exits with status 130 once last.pt holds its state."""
+    # 0. settings (a resumed run's come from its checkpoint), processes, seeds, the run folder
+    check_args(args)
     args, state = load_resume_state(args)
-    with deterministic_algorithms(args.deterministic):
-        return train_from(args, state)
-
-
-def train_from(args: argparse.Namespace, state: dict | None) -> Path:
-    """``train`` after the flags are checked: from scratch, or from a resumed run's ``state``."""
-    ctx = distributed.setup(args.device)
+    ctx = runtime.setup(args.device)
     if state is not None and state.get("world_size", 1) != ctx.world_size:
         raise UserError(f"{args.resume}: the run trained with {state.get('world_size', 1)} process(es), this resume "
                         f"has {ctx.world_size}; steps per epoch and the schedule depend on it, so resume with "
                         f"torchrun --nproc_per_node={state.get('world_size', 1)} (or start a new run with --init-from)")
     torch.manual_seed(args.seed)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it before its first matmul
+    torch.use_deterministic_algorithms(args.deterministic)  # an op with no deterministic kernel raises
+    torch.backends.cudnn.benchmark = ctx.device.type == "cuda" and not args.deterministic
     if args.download and ctx.is_main and state is None:
-        from kitti_download import download_kitti
         download_kitti(args.data_root)
-    run = TrainingRun(args, ctx, state)
+    run_dir = args.resume.parent if state else runtime.on_main_rank(ctx, lambda: make_run_dir(args.out, args.arch))
+
+    # 1. data: the split (kept in the run folder), the loaders, the loss's class weights
+    data = make_loaders(args, ctx, run_dir, state)
+    label_set = get_label_set(args.label_set)
+    class_weights = None if data.class_weights is None else data.class_weights.to(ctx.device)
+
+    # 2. model
+    model = make_model(args, ctx, state)
+    net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) \
+        if ctx.world_size > 1 else model
+
+    # 3. optimiser, schedule, mixed precision, and the training step they make
+    optimizer, scheduler = make_optimizer(model, args, len(data.train_loader))
+    amp_dtype = runtime.amp_dtype_for(ctx.device, args.amp)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+
+    def train_step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One SGD step on a uint8 batch; returns the (device) loss, the mean cross-entropy over valid pixels."""
+        target = labels.to(ctx.device, non_blocking=True).long()
+        with autocast(ctx.device, amp_dtype):
+            logits = net(to_model_input(images, ctx.device))
+        loss = segmentation_loss(logits.float(), target, class_weights)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        return loss
+
+    # 4. resume: weights, optimiser, schedule, RNG state, history, and how far the interrupted epoch got
+    history, best_miou, start_epoch, progress = [], -1.0, 0, EpochProgress()
+    if state is not None:
+        restore(state, args.resume, model, optimizer, scheduler, scaler)
+        history, best_miou, start_epoch = state["history"], state["best_miou"], state["epoch"]
+        progress = EpochProgress(**state["progress"])
     if ctx.is_main:
-        print(run.describe())
-    try:
-        run.run_epochs()
-    finally:
-        run.checkpoints.wait()  # the last write is complete (or its error raised) before the run ends
-    if ctx.is_main:
-        print(f"done: best val mIoU {100 * run.best_miou:.2f}% (19-class benchmark); checkpoints, metrics.csv and "
-              f"curves.png in {run.run_dir}\nevaluate with: python test.py --checkpoint {run.run_dir / 'best.pt'}")
-    run.close()
-    return run.run_dir
+        print(describe(args, model, label_set, data.summary, ctx, run_dir))
+
+    def snapshot(epoch: int) -> dict:
+        """Everything --resume needs to continue exactly, after ``epoch`` finished epochs (plus ``progress``)."""
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "progress": vars(progress), "best_miou": best_miou,
+                "arch": args.arch, "num_classes": label_set.num_classes, "label_set": args.label_set,
+                "world_size": ctx.world_size, "class_weights": data.class_weights, "config": config_of(args),
+                "history": history, "rng_cpu": torch.get_rng_state()}
+
+    # 5. epochs: train, validate on full images, then (rank 0) metrics.csv, last.pt and best.pt, the log line
+    checkpoints, history_writer, stopped = CheckpointWriter(), HistoryWriter(run_dir), None
+    batches = StartedEpoch(data.train_loader, data.sampler, start_epoch, skip=progress.step * args.batch_size)
+    with runtime.StopRequest(ctx.device, ctx.world_size) as stop:
+        for epoch in range(start_epoch, args.epochs):
+            try:
+                finished = train_one_epoch(net, train_step, batches, progress, stop, f"epoch {epoch + 1}/{args.epochs}",
+                                           args.log_every, ctx.is_main)
+            except NonFiniteLoss as error:
+                raise UserError(f"{error} in epoch {epoch + 1}; {run_dir / 'last.pt'} keeps the last good epoch; "
+                                "lower --lr, or try --no-amp") from None
+            if not finished:  # Ctrl-C or SIGTERM inside the epoch
+                stopped = f"at epoch {epoch + 1} step {progress.step}"
+                break
+            if epoch + 1 < args.epochs:  # the loader workers prepare the next epoch while this one validates
+                batches = StartedEpoch(data.train_loader, data.sampler, epoch + 1)
+            trained, progress = progress, EpochProgress()
+            runtime.broadcast_buffers(model)  # every rank scores (and rank 0 saves) rank 0's BatchNorm statistics
+            start = time.perf_counter()
+            confusion, val_loss = evaluate(model, data.val_loader, label_set.num_classes, ctx.device, amp_dtype,
+                                           show=ctx.is_main)
+            if ctx.is_main:
+                report = evaluation_report(confusion.matrix, label_set)
+                if math.isnan(report["benchmark_mIoU"]):
+                    raise UserError(f"{args.data_root}: the validation images hold no pixel of the 19 benchmark "
+                                    "classes (every label is ignored or void), so no model can be scored; check the "
+                                    "val labels")
+                history.append(epoch_record(epoch + 1, optimizer.param_groups[0]["lr"], trained, val_loss, report,
+                                            time.perf_counter() - start, ctx.device))
+                is_best, best_miou = report["benchmark_mIoU"] > best_miou, max(best_miou, report["benchmark_mIoU"])
+                checkpoints.submit(snapshot(epoch + 1), run_dir / "last.pt", run_dir / "best.pt" if is_best else None)
+                history_writer.write(history, final=epoch + 1 == args.epochs)
+                print(epoch_line(history[-1], args.epochs, is_best), flush=True)
+            if stop.agreed() and epoch + 1 < args.epochs:  # a signal during validation: stop after the epoch
+                stopped = f"after epoch {epoch + 1}"
+                break
+
+    # 6. the last write finishes (or its error is raised); an interrupted run saves where it stands, and exits 130
+    checkpoints.wait()
+    if stopped and ctx.is_main:
+        if progress.step:  # inside an epoch: the finished steps are saved now
+            save_checkpoint(snapshot(epoch), run_dir / "last.pt")
+        history_writer.write(history, final=True)
+        print(f"\ninterrupted: saved {run_dir / 'last.pt'} {stopped}; continue with: python main.py --resume "
+              f"{quoted(run_dir / 'last.pt')}", flush=True)
+    elif ctx.is_main:
+        print(f"done: best val mIoU {100 * best_miou:.2f}% (19-class benchmark); checkpoints, metrics.csv and "
+              f"curves.png in {run_dir}\nevaluate with: python test.py --checkpoint {quoted(run_dir / 'best.pt')}")
+    net = train_step = None  # DDP's wrapper must be freed before the process group is left (runtime.cleanup)
+    runtime.cleanup()
+    if stopped:
+        raise SystemExit(130)
+    return run_dir
 
 
-DEMO_SCENE_SIZE = (188, 620)  # half KITTI's frame: 4x fewer pixels to learn from and to validate on
+def make_model(args: argparse.Namespace, ctx: runtime.Context, state: dict | None) -> torch.nn.Module:
+    """The FCN on ``ctx.device``: ImageNet trunk for a new run, --init-from's weights, or (resuming) whatever the
+    checkpoint's weights will overwrite."""
+    label_set = get_label_set(args.label_set)
+    fresh_trunk = state is None and not args.init_from
+    model = build_model(args.arch, label_set.num_classes, args.pretrained and fresh_trunk,
+                        args.backbone_weights if fresh_trunk else None)
+    if args.init_from and state is None:
+        message = initialise_from(model, args.init_from, args.arch, label_set)
+        if ctx.is_main:
+            print(message)
+    model.to(ctx.device, memory_format=torch.channels_last)
+    if args.sync_bn and ctx.world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def describe(args, model, label_set, data_summary: str, ctx: runtime.Context, run_dir: Path) -> str:
+    total, trainable = count_parameters(model)
+    processes = f" x {ctx.world_size}" if ctx.world_size > 1 else ""
+    return (f"{args.arch}: {total / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable), "
+            f"{label_set.num_classes} classes, {data_summary}, device {ctx.device}{processes}, run folder {run_dir}")
+
+
+def config_of(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "explicit"}
+
+
+def quoted(path: Path) -> str:
+    """``path`` as a shell word, so that a printed command can be pasted even when the path holds spaces."""
+    return shlex.quote(str(path))
 
 
 def demo_args(args: argparse.Namespace) -> argparse.Namespace:
     """Settings for --demo: 40 half-size synthetic scenes and a short run, about 25 s on 2 CPU cores."""
-    from synthetic_kitti import write_synthetic_kitti
     from torchvision.models import ResNet18_Weights
+
+    from segmentation.synthetic import DEMO_SIZE, write_synthetic_kitti
     root = Path(args.demo) if args.demo else Path(tempfile.mkdtemp(prefix="fcn-demo-"))
-    print(f"demo: writing 40 SYNTHETIC KITTI-layout scenes of {DEMO_SCENE_SIZE[0]}x{DEMO_SCENE_SIZE[1]} to {root} "
+    print(f"demo: writing 40 SYNTHETIC KITTI-layout scenes of {DEMO_SIZE[0]}x{DEMO_SIZE[1]} to {root} "
           "(not real KITTI data)")
-    write_synthetic_kitti(root, num_train=40, num_test=4, seed=args.seed, size=DEMO_SCENE_SIZE)
+    write_synthetic_kitti(root, num_train=40, num_test=4, seed=args.seed, size=DEMO_SIZE)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
     if args.pretrained and not args.backbone_weights and not cached.is_file():
         print(f"demo: no ImageNet weights in {cached.parent}; training from random initialisation")
         args.pretrained = False
     args.data_root = root
     settings = {"epochs": 10, "batch_size": 4, "warmup_epochs": 0.5, "lr": 0.02,
-                "crop_size": [160], "base_size": DEMO_SCENE_SIZE[0], "workers": "1", "device": "auto"}
+                "crop_size": 160, "base_size": DEMO_SIZE[0], "workers": 1, "device": "auto"}
     for name, value in settings.items():
         if name not in args.explicit:  # a flag given with --demo wins over the demo's setting
             setattr(args, name, value)
@@ -232,12 +417,20 @@ def main(argv: list[str] | None = None) -> None:
             args = demo_args(args)
         run_dir = train(args)
         if args.demo is not None:
-            import test
-            test.main(["--checkpoint", str(run_dir / "best.pt"), "--device", args.device, "--num-visuals", "4"])
+            evaluation = subprocess.run([sys.executable, str(Path(__file__).with_name("test.py")), "--checkpoint",
+                                         str(run_dir / "best.pt"), "--device", args.device, "--num-visuals", "4"])
+            if evaluation.returncode:
+                sys.exit(evaluation.returncode)
             print(f"demo done: checkpoints in {run_dir}, curves in {run_dir / 'curves.png'}, "
                   f"predictions and overlays in {run_dir / 'test_val'}")
     except UserError as error:
         sys.exit(f"error: {error}")
+    except RuntimeError as error:
+        if "deterministic implementation" not in str(error):
+            raise
+        operation = str(error).strip().splitlines()[0].split(". ")[0]
+        sys.exit(f"error: --deterministic: {operation} (PyTorch {torch.__version__}); run (or --resume) with "
+                 "--no-deterministic, which keeps everything exact except the last bits on CUDA")
     except KeyboardInterrupt:  # before the training loop installs its handler, or a second Ctrl-C
         sys.exit("interrupted; the run folder, if any, keeps its last saved checkpoint")
 

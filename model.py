@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
-from errors import UserError
+from segmentation import UserError
 
 ARCHS = ("fcn32", "fcn16", "fcn8")
 

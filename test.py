@@ -18,23 +18,24 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from checkpoint import load_checkpoint, load_model_weights
 from data_preprocessing import ImageList, SegmentationDataset
-from layouts import labelled_names, list_test_images
-from distributed import pick_device
-from engine import ProgressLine, class_map, evaluate, predict
-from errors import UserError
-from image_sources import VideoFrames, VideoWriter, is_video, list_images
-from labels import LabelSet, colorize, get_label_set
-from metrics import evaluation_report
-from model import build_model
-from plots import plot_confusion
+from labels import LabelSet, colorize
+from segmentation import UserError
+from segmentation.checkpoint import load_model
+from segmentation.engine import ProgressLine, class_map, evaluate, predict
+from segmentation.layouts import labelled_names, list_images, list_test_images
+from segmentation.metrics import evaluation_report
+from segmentation.records import plot_confusion
+from segmentation.runtime import pick_device
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,17 +64,6 @@ def validate_args(args: argparse.Namespace) -> None:
     if any(scale <= 0 for scale in args.scales):
         shown = " ".join(map(str, args.scales))
         raise UserError(f"--scales {shown} is not valid: use positive factors, e.g. 0.75 1 1.25")
-
-
-def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict, LabelSet]:
-    state = load_checkpoint(path)
-    label_set = get_label_set(state["label_set"])
-    if state["num_classes"] != label_set.num_classes:
-        raise UserError(f"{path}: {state['num_classes']} classes do not match label set {state['label_set']!r} "
-                        f"({label_set.num_classes}); the checkpoint is inconsistent")
-    model = build_model(state["arch"], state["num_classes"], pretrained=False)
-    load_model_weights(model, state, path)
-    return model.to(device, memory_format=torch.channels_last).eval(), state, label_set
 
 
 class PredictionWriter:
@@ -132,7 +122,7 @@ def run_split_names(args, state: dict, dataset: str, root: Path) -> list[str]:
     split_dir = args.split_dir
     if split_dir is None and (args.checkpoint.parent / f"{args.split}.txt").is_file():
         split_dir = args.checkpoint.parent
-    if split_dir is None and state["config"].get("split_dir"):
+    if split_dir is None and state.get("config", {}).get("split_dir"):
         split_dir = Path(state["config"]["split_dir"])
     return labelled_names(dataset, root, args.split, split_dir)
 
@@ -174,6 +164,53 @@ def predict_images(args, model, dataset: ImageList, device, writer) -> dict:
     return {"num_images": len(dataset), "images_per_second": len(dataset) / (time.perf_counter() - start)}
 
 
+def is_video(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES
+
+
+class VideoFrames:
+    """The frames of a video file as ``uint8 (3, H, W)`` RGB tensors, and its frame rate."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        capture = cv2.VideoCapture(str(path))
+        readable = capture.isOpened() and capture.read()[0]
+        self.fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+        capture.release()
+        if not readable:
+            raise UserError(f"{path}: cannot be decoded as a video; check the file, or convert it to MP4 (H.264)")
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        capture = cv2.VideoCapture(str(self.path))
+        try:
+            while True:
+                ok, frame = capture.read()
+                if not ok:
+                    return
+                yield torch.from_numpy(np.ascontiguousarray(frame[..., ::-1])).permute(2, 0, 1)
+        finally:
+            capture.release()
+
+
+class VideoWriter:
+    """Writes RGB frames to an MP4 file (OpenCV's mp4v codec, which every OpenCV build has)."""
+
+    def __init__(self, path: Path, fps: float):
+        self.path, self.fps, self.writer = path, fps, None
+
+    def write(self, rgb: np.ndarray) -> None:
+        if self.writer is None:
+            height, width = rgb.shape[:2]
+            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (width, height))
+            if not self.writer.isOpened():
+                raise UserError(f"{self.path}: cannot be written as an MP4 video; pass another --out")
+        self.writer.write(np.ascontiguousarray(rgb[..., ::-1]))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+
+
 @torch.no_grad()
 def predict_video(args, model, label_set: LabelSet, device) -> dict:
     """An overlay video (the frame blended with its colour-coded prediction) beside the input's frame rate."""
@@ -198,8 +235,9 @@ def run(args: argparse.Namespace) -> dict:
     validate_args(args)
     device = pick_device(args.device)
     model, state, label_set = load_model(args.checkpoint, device)
-    dataset_name = state["config"].get("dataset", "kitti")
-    root = args.data_root or Path(state["config"]["data_root"])
+    config = state.get("config", {})  # a weights-only checkpoint has none: KITTI unless --data-root says otherwise
+    dataset_name = config.get("dataset", "kitti")
+    root = args.data_root or Path(config.get("data_root", "data/data_semantics"))
     args.out = args.out or args.checkpoint.parent / f"test_{args.images.stem if args.images else args.split}"
     if args.images is not None and is_video(args.images):
         return predict_video(args, model, label_set, device)

@@ -12,10 +12,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from augmentation import train_augmentation  # noqa: E402
 from data_preprocessing import KittiSemantics  # noqa: E402
 from labels import colorize, get_label_set  # noqa: E402
-from layouts import list_labelled  # noqa: E402
+from segmentation.augmentation import train_augmentation  # noqa: E402
+from segmentation.layouts import list_labelled  # noqa: E402
 
 SAMPLE = ROOT / "tests" / "data" / "kitti-sample"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from synthetic_kitti import write_synthetic_kitti
+from segmentation.synthetic import write_synthetic_kitti
 
 KITTI_SAMPLE = Path(__file__).parent / "data" / "kitti-sample"
 

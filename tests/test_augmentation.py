@@ -6,11 +6,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from augmentation import DATASET_DEFAULTS, RandomScaleCrop, TrainAugmentation, train_augmentation
 from data_preprocessing import KittiSemantics
-from layouts import DATASETS, list_labelled
-from samplers import SeededTrainSampler
-
+from segmentation.augmentation import DATASET_DEFAULTS, RandomScaleCrop, TrainAugmentation, train_augmentation
+from segmentation.layouts import DATASETS, list_labelled
+from segmentation.loading import SeededTrainSampler
 
 # Non-contiguous label values: a bilinear (or any averaging) resize of the mask makes values between them.
 LABEL_VALUES = np.array([3, 7, 11, 17, 26], np.uint8)

@@ -4,8 +4,7 @@ import threading
 import pytest
 import torch
 
-from checkpoint import publish_copy, save_checkpoint
-from checkpoint_writer import CheckpointWriter
+from segmentation.checkpoint import CheckpointWriter, publish_copy, save_checkpoint
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_file_and_no_temporary_file(tmp_path, monkeypatch):

@@ -2,22 +2,22 @@
 KITTI fine-tuning stage that starts from the Cityscapes model."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import shutil
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import KITTI_SAMPLE, train_argv
 
 import main
 import test as evaluation
-import training_run
-from conftest import KITTI_SAMPLE, train_argv
-from synthetic_kitti import write_synthetic_cityscapes
+from segmentation import runtime
+from segmentation.checkpoint import load_model
+from segmentation.synthetic import write_synthetic_cityscapes
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (96, 192)
@@ -100,8 +100,8 @@ def test_kitti_stage_initialised_from_the_cityscapes_model_starts_with_its_exact
                                                                                         synthetic_root, tmp_path):
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "kitti", "--arch", "fcn16", "--lr", "0.001",
                                       "--init-from", str(cityscapes_run / "last.pt")))
-    finetune = training_run.make_model(args, training_run.distributed.Context(0, 1, torch.device("cpu"))).eval()
-    first_stage = evaluation.load_model(cityscapes_run / "last.pt", torch.device("cpu"))[0]
+    finetune = main.make_model(args, runtime.Context(0, 1, torch.device("cpu")), None).eval()
+    first_stage = load_model(cityscapes_run / "last.pt", torch.device("cpu"))[0]
     x = torch.randn(2, 3, 96, 320)
     with torch.no_grad():
         assert torch.equal(finetune(x), first_stage(x))

@@ -1,7 +1,5 @@
 import math
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -9,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from class_weights import class_pixel_counts, class_weights, rarest_class
 from data_preprocessing import KittiSemantics
-from layouts import list_labelled
-from errors import UserError
+from segmentation import UserError
+from segmentation.layouts import list_labelled
+from segmentation.loading import class_pixel_counts, class_weights
 
-ROOT = Path(__file__).resolve().parents[1]
 # Three hand-made 4 x 5 label maps, as {Cityscapes label id: pixels}; id 4 (static) is void in the 'train' set.
 # In 'train' classes: road (id 7) = 0, pole (17) = 5, sky (23) = 10, car (26) = 13.
 IMAGES = {"a": {7: 12, 26: 6, 4: 2}, "b": {7: 10, 23: 10}, "c": {7: 5, 26: 5, 23: 5, 17: 5}}
@@ -84,30 +81,11 @@ def test_enet_log_weights_match_the_formula_on_the_hand_counts(hand_made_tree):
     assert torch.equal(class_weights(counts, "none"), torch.ones(19))
 
 
-def test_rarest_class_is_the_present_class_with_fewest_pixels(hand_made_tree):
-    counts = class_pixel_counts(KittiSemantics(hand_made_tree, ["a", "b", "c"], "train"))
-    assert rarest_class(counts) == 5  # pole: 5 pixels; absent classes (0 pixels) do not count
-
-
 def test_bad_method_and_all_ignored_labels_are_one_line_errors():
     with pytest.raises(UserError, match="unknown class weighting 'inverse'"):
         class_weights(np.ones((1, 3)), "inverse")
     with pytest.raises(UserError, match="no labelled pixel"):
         class_weights(np.zeros((2, 3)), "log")
-
-
-def test_command_line_prints_one_weight_per_class(hand_made_tree, tmp_path):
-    split = tmp_path / "split"
-    split.mkdir()
-    (split / "train.txt").write_text("a\nb\nc\n")
-    (split / "val.txt").write_text("c\n")
-    result = subprocess.run([sys.executable, str(ROOT / "class_weights.py"), "--data-root", str(hand_made_tree),
-                             "--split-dir", str(split), "--method", "log"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    road = 27 / 58  # pixels of road / labelled pixels of a, b, c
-    assert result.stdout.splitlines()[0].split() == ["road", f"{100 * road:.2f}%", "of", "pixels", "weight",
-                                                     f"{1 / math.log(1.02 + road):.3f}"]
-    assert len(result.stdout.splitlines()) == 19
 
 
 def write_rare_sign_tree(root: Path, num: int = 16, size: int = 64) -> Path:
@@ -134,9 +112,10 @@ def write_rare_sign_tree(root: Path, num: int = 16, size: int = 64) -> Path:
 def test_median_frequency_balancing_raises_the_iou_of_a_rare_class_at_equal_seed(tmp_path):
     import json
 
+    from conftest import train_argv
+
     import main
     import test as evaluation
-    from conftest import train_argv
     root = write_rare_sign_tree(tmp_path / "tree")
     sign_iou = {}
     for method in ("none", "median-freq"):

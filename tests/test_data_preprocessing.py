@@ -6,17 +6,30 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import KITTI_SAMPLE
 
 import data_preprocessing
 import labels
-from augmentation import train_augmentation
-from conftest import KITTI_SAMPLE
-from data_preprocessing import (ImageList, KittiSemantics, SegmentationDataset, check_tree, default_cache_gb,
-                                estimate_decoded_bytes)
-from layouts import (DATASETS, default_split, default_split_for, labelled_names, list_labelled, list_test_images,
-                     write_split)
-from errors import UserError
-from synthetic_kitti import KITTI_SIZES, make_scene, write_synthetic_cityscapes, write_synthetic_kitti
+from data_preprocessing import (
+    ImageList,
+    KittiSemantics,
+    SegmentationDataset,
+    check_tree,
+    default_cache_gb,
+    estimate_decoded_bytes,
+)
+from segmentation import UserError
+from segmentation.augmentation import train_augmentation
+from segmentation.layouts import (
+    DATASETS,
+    default_split,
+    default_split_for,
+    labelled_names,
+    list_labelled,
+    list_test_images,
+    write_split,
+)
+from segmentation.synthetic import KITTI_SIZES, make_scene, write_synthetic_cityscapes, write_synthetic_kitti
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import BAND_ROWS, score_batch, segmentation_loss
+from segmentation.engine import BAND_ROWS, score_batch, segmentation_loss
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])

@@ -15,13 +15,13 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from conftest import KITTI_SAMPLE
 
 import export
-from conftest import KITTI_SAMPLE
 from data_preprocessing import read_image
-from engine import predict
-from errors import UserError
-from test import load_model
+from segmentation import UserError
+from segmentation.checkpoint import load_model
+from segmentation.engine import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = sorted((KITTI_SAMPLE / "testing" / "image_2").glob("*.png"))[:2]

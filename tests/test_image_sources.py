@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 import test as evaluation
-from image_sources import VideoFrames, list_images
+from segmentation.layouts import list_images
+from test import VideoFrames
 
 
 def write_video(path, frames_bgr, fps=10.0):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from errors import UserError
-from kitti_download import download_kitti
+from data_preprocessing import download_kitti
+from segmentation import UserError
 
 COUNTS = {"training/image_2": 10, "training/semantic": 10, "testing/image_2": 2}
 

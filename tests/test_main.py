@@ -1,6 +1,6 @@
 import csv
-import shutil
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_argv
 
 import main
-import training_run
-from conftest import train_argv
-from errors import UserError
 from model import build_model
-from optimization import parameter_groups, warmup_poly
-from run_history import HISTORY_FIELDS
+from segmentation import UserError, runtime
+from segmentation.engine import parameter_groups, warmup_poly
+from segmentation.records import HISTORY_FIELDS, make_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +33,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 def test_small_model_overfits_one_synthetic_batch(synthetic_root):
     from data_preprocessing import KittiSemantics, normalize
-    from layouts import list_labelled
+    from segmentation.layouts import list_labelled
     dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root)[:2])
     images = normalize(torch.stack([dataset[i][0] for i in range(2)]))
     target = torch.stack([dataset[i][1] for i in range(2)]).long()
@@ -118,18 +117,18 @@ def test_ctrl_c_inside_an_optimizer_step_mid_log_window_resumes_to_the_same_weig
 
 def test_ctrl_c_during_validation_saves_the_finished_epoch_and_resumes_exactly_on_the_runs_own_split(
         writable_tree, trained_run, tmp_path, monkeypatch):
-    real_evaluate = training_run.evaluate
+    real_evaluate = main.evaluate
 
     def evaluate_interrupted(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)
         return real_evaluate(*args, **kwargs)
-    monkeypatch.setattr(training_run, "evaluate", evaluate_interrupted)
+    monkeypatch.setattr(main, "evaluate", evaluate_interrupted)
     run = tmp_path / "run"
     with pytest.raises(SystemExit):
         main.train(main.parse_args(train_argv(writable_tree, run, "--arch", "fcn16")))
     saved = torch.load(run / "last.pt", weights_only=True)
     assert saved["epoch"] == 1 and saved["progress"]["step"] == 0 and len(saved["history"]) == 1
-    monkeypatch.setattr(training_run, "evaluate", real_evaluate)
+    monkeypatch.setattr(main, "evaluate", real_evaluate)
     for folder in ("image_2", "semantic"):  # the data folder gains an image: the default split would change
         folder = writable_tree / "training" / folder
         shutil.copy(folder / "000000_10.png", folder / "new.png")
@@ -168,7 +167,7 @@ def test_init_from_a_coarser_run_keeps_its_weights(synthetic_root, tmp_path):
     main.train(main.parse_args(train_argv(synthetic_root, coarse, "--arch", "fcn32", "--epochs", "1")))
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "fine", "--arch", "fcn8", "--init-from",
                                       str(coarse / "last.pt")))
-    net = training_run.make_model(args, training_run.distributed.Context(0, 1, torch.device("cpu")))
+    net = main.make_model(args, runtime.Context(0, 1, torch.device("cpu")), None)
     assert torch.equal(net.score32.weight, final_weights(coarse)["score32.weight"])
     assert net.score16.weight.abs().sum() == 0  # new skip layers start at zero
 
@@ -187,6 +186,7 @@ def test_demo_runs_the_whole_loop_offline_and_learns(tmp_path):
 
 def test_full_label_set_trains_34_classes_and_reports_the_19_class_benchmark(synthetic_root, tmp_path):
     import json
+
     import test as evaluation
     main.train(main.parse_args(train_argv(synthetic_root, tmp_path / "full", "--label-set", "full", "--epochs", "1",
                                           "--arch", "fcn32")))
@@ -207,7 +207,7 @@ def test_init_from_a_finer_model_is_refused(synthetic_root, trained_run, tmp_pat
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--arch", "fcn32", "--init-from",
                                       str(trained_run / "best.pt")))
     with pytest.raises(UserError, match="a fcn16 cannot initialise a coarser fcn32"):
-        training_run.make_model(args, training_run.distributed.Context(0, 1, torch.device("cpu")))
+        main.make_model(args, runtime.Context(0, 1, torch.device("cpu")), None)
 
 
 def test_learning_rate_warms_up_linearly_then_decays_polynomially_to_zero():
@@ -224,7 +224,8 @@ def run_dir_on_two_ranks(rank: int, port: int, cwd: Path, out, results: Path) ->
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     args = main.parse_args(["--arch", "fcn32"] + (["--out", str(out)] if out else []))
     try:
-        outcome = str(training_run.shared_run_dir(args, training_run.distributed.Context(rank, 2, torch.device("cpu")), False))
+        ctx = runtime.Context(rank, 2, torch.device("cpu"))
+        outcome = str(runtime.on_main_rank(ctx, lambda: make_run_dir(args.out, args.arch)))
     except UserError as error:
         outcome = f"UserError: {error}"
     (results / f"rank{rank}.txt").write_text(outcome)
@@ -258,3 +259,43 @@ def test_weight_decay_applies_to_convolution_weights_only():
     assert "trunk.stem.0.weight" in decayed and "score16.weight" in decayed
     assert not any(n.endswith("bias") or ".bn" in n or "up32to16" in n or n.startswith("trunk.stem.1") for n in decayed)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
+
+
+def test_another_seed_keeps_the_split_and_moves_the_sample_order(synthetic_root, tmp_path, monkeypatch):
+    from data_preprocessing import SegmentationDataset
+    real_getitem, drawn = SegmentationDataset.__getitem__, {}
+
+    def recording_getitem(self, key):
+        if isinstance(key, tuple):  # a training sample: (index, augmentation seed)
+            drawn[seed].append(key)
+        return real_getitem(self, key)
+    monkeypatch.setattr(SegmentationDataset, "__getitem__", recording_getitem)
+    for seed in (0, 1):
+        drawn[seed] = []
+        main.train(main.parse_args(train_argv(synthetic_root, tmp_path / f"seed{seed}", "--arch", "fcn32",
+                                              "--epochs", "1", "--seed", str(seed))))
+    for name in ("train.txt", "val.txt"):
+        assert (tmp_path / "seed0" / name).read_text() == (tmp_path / "seed1" / name).read_text()
+    orders = {seed: [index for index, _ in keys] for seed, keys in drawn.items()}
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
+    assert {s for _, s in drawn[0]}.isdisjoint({s for _, s in drawn[1]})  # other crops, flips and jitter too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label_set", ["train", "full"])
+def test_best_checkpoint_holds_the_epoch_with_the_highest_benchmark_miou(synthetic_root, tmp_path, label_set):
+    main.train(main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--arch", "fcn32", "--epochs", "5",
+                                          "--lr", "0.05", "--label-set", label_set)))
+    scores = [float(row["val_mIoU"]) for row in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))]
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["epoch"] == 1 + scores.index(max(scores)) and best["best_miou"] == max(scores)
+    assert best["history"][-1]["val_mIoU"] == max(scores)
+
+
+def test_the_evaluate_hint_can_be_pasted_when_the_run_folder_has_a_space(synthetic_root, tmp_path, capsys):
+    import shlex
+    out = tmp_path / "my runs" / "fcn32 a"
+    main.train(main.parse_args(train_argv(synthetic_root, out, "--arch", "fcn32", "--epochs", "1")))
+    hint = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("evaluate with:"))
+    assert shlex.split(hint.removeprefix("evaluate with:")) == ["python", "test.py", "--checkpoint",
+                                                                str(out / "best.pt")]

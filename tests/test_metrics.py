@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import labels
-from metrics import ConfusionMatrix, evaluation_report, iou_per_class, summarize
+from segmentation.metrics import ConfusionMatrix, evaluation_report, iou_per_class, summarize
 
 if not hasattr(np, "in1d"):  # cityscapesscripts 2.3.0 still calls np.in1d, removed in NumPy 2.4
     np.in1d = np.isin

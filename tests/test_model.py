@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torchvision.models import ResNet18_Weights, resnet18
 
 import model as fcn
-from errors import UserError
+from segmentation import UserError
 
 SIZES = [(375, 1242), (370, 1224), (33, 65), (32, 32), (97, 31), (1, 1)]
 

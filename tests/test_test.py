@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 import labels
 import test as evaluation
-from checkpoint import load_checkpoint
 from data_preprocessing import normalize
-from engine import predict
-from errors import UserError
 from model import build_model
+from segmentation import UserError
+from segmentation.checkpoint import load_checkpoint
+from segmentation.engine import predict
 
 if not hasattr(np, "in1d"):  # cityscapesscripts 2.3.0 still calls np.in1d, removed in NumPy 2.4
     np.in1d = np.isin
@@ -223,3 +223,12 @@ def test_images_folder_gets_a_prediction_per_image(trained_run, synthetic_root, 
     predictions = sorted((tmp_path / "pred_labelIds").glob("*.png"))
     assert len(predictions) == 2 and len(list((tmp_path / "pred_color").glob("*.png"))) == 1
     assert cv2.imread(str(predictions[0]), cv2.IMREAD_UNCHANGED).shape == (96, 320)
+
+
+def test_a_weights_only_checkpoint_predicts_a_folder_of_images(trained_run, synthetic_root, tmp_path):
+    state = torch.load(trained_run / "best.pt", weights_only=True)
+    torch.save({key: state[key] for key in ("model", "arch", "num_classes", "label_set")}, tmp_path / "weights.pt")
+    evaluation.main(["--checkpoint", str(tmp_path / "weights.pt"), "--images", str(synthetic_root / "testing" /
+                     "image_2"), "--out", str(tmp_path / "out"), "--device", "cpu", "--workers", "0"])
+    assert sorted(p.name for p in (tmp_path / "out" / "pred_labelIds").glob("*.png")) == ["000000_10.png",
+                                                                                           "000001_10.png"]

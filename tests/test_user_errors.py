@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import train_argv
 
 import main
 import test as evaluation
-from conftest import train_argv
 
 
 def one_line_error(entry_point, argv) -> str:
@@ -18,11 +18,12 @@ def one_line_error(entry_point, argv) -> str:
     return message
 
 
-@pytest.mark.parametrize("flag,value,expected", [("--lr", "-1", "--lr -1.0 is not valid"),
-                                                 ("--epochs", "0", "--epochs 0 is not valid: use at least 1"),
-                                                 ("--batch-size", "0", "--batch-size 0 is not valid"),
-                                                 ("--crop-size", "0", "--crop-size 0 is not valid"),
-                                                 ("--workers", "-1", "--workers -1 is not valid: use auto or 0")])
+@pytest.mark.parametrize("flag,value,expected", [("--lr", "-1", "LR = -1.0 (--lr) is not valid"),
+                                                 ("--epochs", "0", "EPOCHS = 0 (--epochs) is not valid: use a whole"),
+                                                 ("--batch-size", "0", "BATCH_SIZE = 0 (--batch-size) is not valid"),
+                                                 ("--crop-size", "0", "CROP_SIZE = (0, 0) (--crop-size) is not valid"),
+                                                 ("--workers", "-1", "WORKERS = -1 (--workers) is not valid: use auto"),
+                                                 ("--arch", "fcn64", "ARCH = 'fcn64' (--arch) is not valid")])
 def test_meaningless_training_values_are_refused_before_anything_is_written(synthetic_root, tmp_path, flag, value,
                                                                             expected):
     argv = train_argv(synthetic_root, tmp_path / "run", flag, value)
@@ -37,11 +38,10 @@ def test_resume_with_a_flag_that_would_change_the_run_names_the_flag(trained_run
     assert (trained_run / "last.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("flag, value", [("--compile", True), ("--no-compile", False),
-                                         ("--deterministic", True), ("--no-deterministic", False)])
-def test_resume_may_turn_compile_and_deterministic_on_and_off(trained_run, flag, value):
+@pytest.mark.parametrize("flag, value", [("--deterministic", True), ("--no-deterministic", False)])
+def test_resume_may_turn_deterministic_on_and_off(trained_run, flag, value):
     state = torch.load(trained_run / "last.pt", weights_only=True)
-    state["config"].update(compile=not value, deterministic=not value)
+    state["config"].update(deterministic=not value)
     args = main.args_from_checkpoint(state, main.parse_args(["--resume", str(trained_run / "last.pt"), flag]))
     assert getattr(args, flag.removeprefix("--").removeprefix("no-")) is value
 
@@ -55,6 +55,15 @@ def test_resume_from_weights_without_training_state_is_refused(trained_run, tmp_
     state = torch.load(trained_run / "last.pt", weights_only=True)
     torch.save({k: state[k] for k in ("model", "arch", "num_classes", "label_set")}, tmp_path / "weights.pt")
     assert "no training state" in one_line_error(main.main, ["--resume", str(tmp_path / "weights.pt")])
+
+
+def test_resume_from_a_checkpoint_without_its_best_score_names_what_is_missing(trained_run, tmp_path):
+    state = torch.load(trained_run / "last.pt", weights_only=True)
+    del state["best_miou"]
+    (tmp_path / "run").mkdir()
+    torch.save(state, tmp_path / "run" / "last.pt")
+    message = one_line_error(main.main, ["--resume", str(tmp_path / "run" / "last.pt")])
+    assert "no training state (best_miou missing)" in message
 
 
 def test_resume_with_another_process_count_is_refused(trained_run, tmp_path):
@@ -104,7 +113,7 @@ def test_a_device_this_machine_lacks_is_one_line(synthetic_root, tmp_path):
 
 
 def test_split_files_with_a_repeated_or_shared_name_are_refused(synthetic_root, tmp_path):
-    from layouts import default_split
+    from segmentation.layouts import default_split
     split = default_split(sorted(p.stem for p in (synthetic_root / "training" / "semantic").glob("*.png")))
     (tmp_path / "split").mkdir()
     (tmp_path / "split" / "train.txt").write_text("\n".join(split["train"]) + "\n")

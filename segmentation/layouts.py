@@ -1,5 +1,6 @@
 """Where each dataset's files are, and which images form its splits. One small reader ("layout") per on-disk
-layout, chosen in one place (``get_layout``) from a dataset name; data_preprocessing.py reads the files. Label
+layout, chosen in one place (``get_layout``) from a dataset name; data_preprocessing.py reads the files.
+``list_images`` lists a plain folder of images (test.py --images). Label
 ids are Cityscapes ids in both datasets, so ``labels.py`` stays the only table::
 
     kitti        ROOT/training/image_2/000000_10.png     RGB images
@@ -19,7 +20,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from errors import UserError
+from segmentation import UserError
 
 LAYOUT_HELP = ("expected ROOT/training/image_2/*.png, ROOT/training/semantic/*.png and ROOT/testing/image_2/*.png "
                "(KITTI data_semantics layout); pass --download to fetch KITTI, or --data-root PATH")
@@ -28,6 +29,7 @@ CITYSCAPES_HELP = ("expected ROOT/leftImg8bit/{train,val,test}/<city>/<city>_<se
                    "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip); pass --data-root PATH")
 CITYSCAPES_IMAGE, CITYSCAPES_LABEL = "_leftImg8bit.png", "_gtFine_labelIds.png"
 LABELLED_SPLITS = ("train", "val", "trainval")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 # --- KITTI: names are file stems, paths follow from them ---------------------------------------------------
@@ -205,3 +207,18 @@ def write_split(split: dict[str, list[str]], folder: Path) -> None:
 def list_test_images(dataset: str, root: Path) -> list[tuple[str, Path]]:
     """``(name, path)`` of the unlabelled test split: KITTI testing/image_2, Cityscapes leftImg8bit/test."""
     return get_layout(dataset).test_images(Path(root))
+
+
+def list_images(folder: Path) -> list[tuple[str, Path]]:
+    """``(stem, path)`` of every PNG or JPEG directly in ``folder``, sorted by name."""
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of images or a video file; pass --images with a folder of "
+                        "PNG/JPEG files or a video")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"{folder} holds no PNG or JPEG files; pass --images with a folder of images or a video")
+    stems = [p.stem for p in files]
+    clashing = sorted({p.name for p in files if stems.count(p.stem) > 1})
+    if clashing:  # their predictions would be written to the same <stem>.png
+        raise UserError(f"{folder}: {', '.join(clashing[:4])} share a name; rename or move one of each")
+    return [(p.stem, p) for p in files]

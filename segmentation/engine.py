@@ -1,6 +1,9 @@
-"""The loops shared by main.py and test.py: one training epoch, one evaluation pass, prediction."""
+"""How the network learns and is scored: the loss, the optimiser and its schedule, one training epoch, one
+evaluation pass, and prediction (with optional test-time augmentation). main.py wires them into the recipe;
+test.py and bench.py use the same evaluation and prediction."""
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import time
@@ -15,9 +18,8 @@ from tqdm import tqdm
 
 from data_preprocessing import normalize
 from labels import IGNORE_INDEX
-from metrics import ConfusionMatrix
-from stop_signal import StopRequest
-
+from segmentation.metrics import ConfusionMatrix
+from segmentation.runtime import StopRequest
 
 BAND_ROWS = 32  # rows of an image scored at a time on the CPU (score_batch)
 
@@ -64,17 +66,17 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
 
 
 def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 batch from the loader -> normalised float on ``device``, channels_last (faster convolutions on
-    GPUs and on the CPU: 21% per train step, 38% per full-size inference on this project's 2-core machine)."""
+    """uint8 batch from the loader -> normalised float on ``device``, channels_last (faster convolutions on GPUs
+    and on the CPU alike: docs/results.md)."""
     x = normalize(images.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, scaler,
-                    device: torch.device, amp_dtype: torch.dtype | None, progress: EpochProgress,
-                    desc: str = "train", log_every: int = 10, show: bool = True,
-                    stop: StopRequest | None = None, class_weights: torch.Tensor | None = None) -> bool:
-    """Train over ``loader`` (which may start mid-epoch), updating ``progress`` in place.
+def train_one_epoch(model: nn.Module, train_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batches,
+                    progress: EpochProgress, stop: StopRequest | None = None, desc: str = "train",
+                    log_every: int = 10, show: bool = True) -> bool:
+    """Train over ``batches`` (which may start mid-epoch) with ``train_step(images, labels) -> device loss``,
+    updating ``progress`` in place.
 
     Returns False if ``stop`` asked to stop: then ``progress`` holds every finished step, its loss and its
     time, and nothing of an unfinished one. The loss is accumulated on the device and read back only every
@@ -82,27 +84,25 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     waiting for the next batch is added to ``progress.data_wait``.
     """
     model.train()
-    pending_loss = torch.zeros((), dtype=torch.float64, device=device)
-    line = ProgressLine(len(loader) + progress.step, desc, show, initial=progress.step)
+    pending_loss = None
+    line = ProgressLine(len(batches) + progress.step, desc, show, initial=progress.step)
     start = window_start = time.perf_counter()
     window_steps, window_images, wait_start, stopped = 0, 0, start, False
-    for step, (images, labels) in enumerate(loader, 1):
+    for step, (images, labels) in enumerate(batches, 1):
         progress.data_wait += time.perf_counter() - wait_start
-        loss = train_step(model, images, labels, optimizer, scheduler, scaler, device, amp_dtype, class_weights)
-        pending_loss += loss.detach()
+        loss = train_step(images, labels).detach().double()
+        pending_loss = loss if pending_loss is None else pending_loss + loss
         progress.step += 1
         window_steps, window_images = window_steps + 1, window_images + len(images)
-        at_boundary = step % log_every == 0 or step == len(loader)
+        at_boundary = step % log_every == 0 or step == len(batches)
         stopped = stop is not None and stop.agreed(at_boundary)
         if at_boundary or stopped:
-            window_loss = pending_loss.item()
-            pending_loss.zero_()
+            window_loss, pending_loss = pending_loss.item(), None
             if not math.isfinite(window_loss):
                 raise NonFiniteLoss(f"training loss became {window_loss} at step {progress.step}")
             progress.loss_sum += window_loss
             now = time.perf_counter()
             line.update(window_steps, {"loss": f"{progress.loss_sum / progress.step:.4f}",
-                                       "lr": f"{optimizer.param_groups[0]['lr']:.2e}",
                                        "img/s": f"{window_images / (now - window_start):.1f}"})
             window_start, window_steps, window_images = now, 0, 0
         if stopped:
@@ -113,34 +113,19 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     return not stopped
 
 
-def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer, scheduler, scaler,
-               device: torch.device, amp_dtype: torch.dtype | None,
-               class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """One SGD step on a uint8 batch; returns the (device) loss, the mean cross-entropy over valid pixels."""
-    x = to_model_input(images, device)
-    target = labels.to(device, non_blocking=True).long()
-    with autocast(device, amp_dtype):
-        logits = model(x)
-    loss = segmentation_loss(logits.float(), target, class_weights)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    return loss
-
-
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor,
                       class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy over non-ignored pixels: the sum divided by the (weighted) count of valid pixels.
+    """Cross-entropy of (N, C, H, W) ``logits`` over the non-ignored pixels of (N, H, W) ``target``: the sum of
+    each pixel's (weighted) loss divided by the (weighted) count of valid pixels, as PyTorch's weighted mean.
 
-    Dividing by hand keeps a crop that is all ignore finite (PyTorch's mean would be 0/0); with class
-    weights, the divisor is the sum of the valid pixels' weights, as in PyTorch's weighted mean.
+    Dividing by hand keeps a crop that is all ignore finite (PyTorch's mean would be 0/0). The per-pixel terms
+    (``reduction="none"``) are summed by a plain reduction: CUDA's summing ``nll_loss`` adds with atomics, which
+    --deterministic refuses.
     """
-    loss = nll_sum(F.log_softmax(logits, dim=1), target, class_weights)
+    per_pixel = F.cross_entropy(logits, target, weight=class_weights, ignore_index=IGNORE_INDEX, reduction="none")
     if class_weights is None:
-        return loss / (target != IGNORE_INDEX).sum().clamp(min=1)
-    return loss / pixel_weights(class_weights, target).sum().clamp(min=1e-12)
+        return per_pixel.sum() / (target != IGNORE_INDEX).sum().clamp(min=1)
+    return per_pixel.sum() / pixel_weights(class_weights, target).sum().clamp(min=1e-12)
 
 
 def pixel_weights(weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -150,31 +135,9 @@ def pixel_weights(weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, weight[target.masked_fill(~valid, 0)], 0)
 
 
-def nll_sum(log_probabilities: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-            elementwise: bool | None = None) -> torch.Tensor:
-    """Summed negative log-likelihood of ``target`` (N, H, W) under (N, C, H, W) ``log_probabilities``, pixels
-    equal to IGNORE_INDEX left out, each pixel weighted by ``weight[its class]`` if given.
-
-    ``elementwise`` (default: on CUDA with deterministic algorithms on) picks each pixel's term with a one-hot
-    product and sums it: the same value to rounding, but deterministic, where CUDA's ``nll_loss`` accumulates
-    with atomics and refuses to run under ``torch.use_deterministic_algorithms``.
-    """
-    if elementwise is None:
-        elementwise = log_probabilities.is_cuda and torch.are_deterministic_algorithms_enabled()
-    if not elementwise:
-        return F.nll_loss(log_probabilities, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
-    classes = torch.arange(log_probabilities.shape[1], device=target.device).view(1, -1, 1, 1)
-    # where, not a product with the one-hot mask: a -inf log-probability (an underflowed TTA average) times 0 is NaN
-    picked = torch.where(target.unsqueeze(1) == classes, log_probabilities, 0).sum(1)  # ignored pixels: 0
-    if weight is not None:
-        picked = picked * pixel_weights(weight, target)
-    return -picked.sum()
-
-
 def class_map(scores: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) scores -> (N, H, W) int64 class indices, the first maximum as ``argmax`` gives. Written as
-    ``max(1).indices``: on the CPU, ``argmax`` over the class dimension took 80 ms for one 375x1242 image with
-    19 classes, against 9 ms this way (torch 2.14, 2 threads), most of validation's time beyond the network."""
+    ``max(1).indices``, which the CPU computes several times faster than ``argmax`` over the class dimension."""
     return scores.max(1).indices
 
 
@@ -206,11 +169,8 @@ def score_batch(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     """The summed cross-entropy of ``target`` under (N, C, H, W) ``scores`` (see ``predict``) and their (N, H, W)
     class map, from one maximum over the classes: the class map is its index, and the loss of a pixel is
     ``top + log(sum(exp(scores - top))) - scores[target]``, the log-softmax's own formula for just the one class
-    it needs. No (N, C, H, W) log-probabilities are made: on the CPU such a full-size temporary (19 x 375 x 1242
-    floats, 35 MB) costs more in fresh pages than in arithmetic, so the CPU also works in bands of BAND_ROWS rows.
-    Per KITTI frame of FCN-16s scores, 2 threads, against log_softmax + nll_loss + max in the same bands:
-    11.8 -> 11.0 ms (9.7 ms of it is the class map: ``max`` with indices); on channels_last scores 22.9-23.9 ->
-    16.6-17.8 ms."""
+    it needs. No (N, C, H, W) log-probabilities are made: on the CPU such a full-size temporary costs more in
+    fresh pages than in arithmetic, so the CPU also works in bands of BAND_ROWS rows."""
     rows = BAND_ROWS if scores.device.type == "cpu" else scores.shape[2]
     loss, maps = 0.0, []
     for band, band_target in zip(scores.split(rows, 2), target.split(rows, 1)):
@@ -251,3 +211,35 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, a
         dist.all_reduce(loss_and_count)
     loss, count = loss_and_count.tolist()
     return confusion, loss / count if count else float("nan")
+
+
+def warmup_poly(step: int, warmup: int, total: int, power: float) -> float:
+    """LR multiplier at ``step``: linear from 0.1 to 1 over ``warmup`` steps, then (1 - progress) ^ power to 0."""
+    if step < warmup:
+        return 0.1 + 0.9 * step / warmup
+    return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** power
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on convolution weights only: not on BatchNorm's scale and shift, biases, or the learned x2
+    upsampling (decay would pull its bilinear initialisation towards zero), as current practice does."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            plain_conv = type(module) is torch.nn.Conv2d and name == "weight"
+            (decay if plain_conv else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, steps_per_epoch: int):
+    """SGD with momentum, and one LambdaLR stepped every iteration: its whole state is the step count, so a
+    resume restores the schedule exactly on any torch version (SequentialLR's restore has varied)."""
+    optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
+    total = args.epochs * steps_per_epoch
+    warmup = min(max(1, round(args.warmup_epochs * steps_per_epoch)), total - 1)
+
+    def multiplier(step: int) -> float:
+        return warmup_poly(step, warmup, total, args.poly_power)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

@@ -12,14 +12,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from errors import UserError
 from labels import ID_TO_LABEL, LABELS, colorize
+from segmentation import UserError
 
 KITTI_SIZES = ((375, 1242), (370, 1224), (374, 1238), (376, 1241))
 MIN_HEIGHT = 60  # below it the street under the horizon (at up to half the height) has no room for a car
 # Official Cityscapes cities are disjoint between splits; names are <city>_<seq>_<frame>.
 CITYSCAPES_CITIES = {"train": ("aachen", "bochum"), "val": ("frankfurt",), "test": ("berlin",)}
 CITYSCAPES_SIZE = (512, 1024)  # half the real 1024 x 2048, so that a tree writes about as fast as a KITTI one
+DEMO_SIZE = (188, 620)  # main.py --demo: half KITTI's frame, 4x fewer pixels to learn from and to validate on
 _ID = {label.name: label.id for label in LABELS if label.id >= 0}
 
 

@@ -25,9 +25,9 @@ DATASET_DEFAULTS = {
 class RandomScaleCrop(v2.Transform):
     """``RandomResize`` (shorter side to a random length in scale_range x base_size, both ends included)
     then an (H, W) ``RandomCrop`` with padding, done the cheap way round: the crop window is chosen in the
-    original image and only its part inside the image is resized, then padded. Resizing the whole KITTI
-    image by up to 2x first cost 6.4 ms a sample against 3.1 ms this way (one core, one run), and on a GPU
-    the loader was the bottleneck. ``base_size=None`` scales each image's own shorter side.
+    original image and only its part inside the image is resized, then padded: up to 4x fewer pixels are
+    resized than by scaling the whole image first (timed in docs/results.md). ``base_size=None`` scales each
+    image's own shorter side.
 
     Padding is 0 for images and 255 (ignore) for masks. Images are resized bilinearly with centred pixels;
     masks with ``NEAREST_EXACT``, which samples the same centres. Plain ``NEAREST`` floors ``x * in / out``
@@ -90,10 +90,9 @@ class TrainAugmentation:
 
     Called as ``augment(image (3, H, W), label (H, W), generator)`` on tensors on any device. Every random
     number comes from ``generator`` (the global one if None) and is drawn on the CPU before any pixel is
-    touched, so a seeded generator gives the same sample in a loader worker and on a GPU. It calls the
-    functional kernels directly rather than through transforms-v2 ``Transform`` objects, whose Python
-    dispatch cost 2.3 times as much per sample (0.33 against 0.14 ms on 16x16 images, this CPU; see
-    docs/results.md): on a GPU that is time the training loop's own thread spends (``--augment-on device``).
+    touched, so a seeded generator gives the same sample whichever process makes it. It calls the functional
+    kernels directly rather than through transforms-v2 ``Transform`` objects, whose Python dispatch costs more
+    than the kernels on small crops (docs/results.md).
     """
 
     def __init__(self, crop_size: int | tuple[int, int], base_size: int | None = 375,

@@ -1,4 +1,46 @@
-from samplers import SeededTrainSampler, ShapeBatchSampler, ShardSampler
+"""segmentation.loading: seeded training order, exact evaluation batches, and the loaders a run makes."""
+import multiprocessing
+import sys
+
+import pytest
+import torch
+from conftest import train_argv
+
+import main
+from data_preprocessing import SegmentationDataset
+from segmentation import runtime
+from segmentation.loading import SeededTrainSampler, ShapeBatchSampler, make_loaders
+
+
+@pytest.fixture
+def forkserver_by_default():
+    """Python 3.14's default start method on Linux, on any Python."""
+    previous = multiprocessing.get_start_method()
+    multiprocessing.set_start_method("forkserver", force=True)
+    yield
+    multiprocessing.set_start_method(previous, force=True)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux only")
+def test_workers_share_the_cached_dataset_by_fork_not_by_pickling(synthetic_root, tmp_path, monkeypatch,
+                                                                  forkserver_by_default):
+    args = main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--workers", "1"))
+    data = make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path)
+    assert data.train_loader.dataset.cached
+
+    def refuse(self, protocol):
+        raise AssertionError("the dataset, cache included, was pickled to start a loader worker")
+    monkeypatch.setattr(SegmentationDataset, "__reduce_ex__", refuse)
+    images, labels = next(iter(data.train_loader))
+    assert images.shape == (2, 3, 64, 64) and labels.shape == (2, 64, 64)
+
+
+def test_a_non_square_crop_keeps_its_orientation_height_then_width(synthetic_root, tmp_path):
+    args = main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--crop-size", "64", "96"))
+    data = make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path)
+    images, labels = next(iter(data.train_loader))
+    assert images.shape == (2, 3, 64, 96) and labels.shape == (2, 64, 96)
+    assert "crop 64x96" in data.summary
 
 
 def test_training_order_is_a_function_of_seed_and_epoch():
@@ -27,13 +69,7 @@ def test_skip_resumes_the_same_sequence_mid_epoch():
     assert list(sampler) == full[6:] and len(sampler) == 10
 
 
-def test_shard_sampler_covers_an_odd_split_exactly_once():
-    shards = [list(ShardSampler(7, rank=r, world_size=2)) for r in range(2)]
-    assert sorted(shards[0] + shards[1]) == list(range(7))
-
-
 def test_shape_batches_hold_one_size_each_and_cover_every_image_once_over_ranks():
-    from samplers import ShapeBatchSampler
     sizes = [(375, 1242), (370, 1224), (375, 1242), (374, 1238), (375, 1242), (370, 1224), (375, 1242)]
     shards = [list(ShapeBatchSampler(sizes, batch_size=2, rank=r, world_size=2)) for r in range(2)]
     batches = shards[0] + shards[1]
@@ -47,9 +83,9 @@ def test_batched_validation_equals_one_image_at_a_time(synthetic_root):
     from torch.utils.data import DataLoader
 
     from data_preprocessing import KittiSemantics
-    from layouts import list_labelled
-    from engine import evaluate
     from model import build_model
+    from segmentation.engine import evaluate
+    from segmentation.layouts import list_labelled
     dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root)[:5])
     torch.manual_seed(0)
     net = build_model("fcn16", 19, pretrained=False)

@@ -1,0 +1,31 @@
+"""The machinery that main.py, test.py, export.py and bench.py share, one module per concern:
+
+    layouts       where each dataset's files are on disk, its fixed splits, folders of images
+    augmentation  the joint image/label training augmentation, each dataset's crop and scale
+    loading       what a training run reads: its split, samplers, loaders and class weights
+    engine        loss, optimiser and schedule; one training epoch, one evaluation pass, prediction
+    metrics       confusion matrix -> IoU, following the official Cityscapes/KITTI evaluation
+    checkpoint    atomic (background) saving, safe loading, models and weights from checkpoints
+    records       what a run leaves in its folder besides checkpoints: metrics.csv, curves, confusion
+    runtime       where a run executes: device, DDP processes, loader workers, Ctrl-C / SIGTERM
+    synthetic     procedurally drawn street scenes in KITTI's or Cityscapes' layout
+
+Data flows one way, disk -> data -> model -> loss/metrics -> checkpoint/report; nothing here imports a command.
+"""
+
+_WORKER_MARKER = f"{__name__}.UserError: "
+
+
+class UserError(Exception):
+    """Bad input or set-up that the user can fix; the message names the file and the fix. Every command turns it
+    into one line ``error: ...`` and a non-zero exit.
+
+    A DataLoader worker's exception reaches the main process re-raised as the same type, but with the
+    worker's whole traceback as its message; only the original message after the marker is kept, so an
+    error in a worker still reaches the user as one line.
+    """
+
+    def __init__(self, message: str):
+        if _WORKER_MARKER in message:
+            message = message.rsplit(_WORKER_MARKER, 1)[1].strip()
+        super().__init__(message)

@@ -1,0 +1,98 @@
+"""What a run leaves in its folder besides checkpoints: the folder itself, metrics.csv and curves.png each epoch
+(with its log line), and the confusion picture of an evaluation."""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure  # a Figure made directly draws to files only: no GUI backend, no pyplot state
+
+from segmentation import UserError
+from segmentation.engine import EpochProgress
+
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
+                  "val_seconds", "peak_gpu_mb")
+CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at the end): matplotlib is slow
+
+
+def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float, report: dict, val_seconds: float,
+                 device: torch.device) -> dict:
+    """One row of metrics.csv; val_mIoU is the 19-class benchmark mIoU in every label set."""
+    return {"epoch": epoch, "lr": lr, "train_loss": progress.loss_sum / max(progress.step, 1), "val_loss": val_loss,
+            "val_mIoU": report["benchmark_mIoU"], "pixel_acc": report["pixel_acc"], "seconds": progress.seconds,
+            "data_wait": progress.data_wait / max(progress.seconds, 1e-9), "val_seconds": val_seconds,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0}
+
+
+def make_run_dir(out: Path | None, arch: str) -> Path:
+    """A new run folder: ``out``, or runs/<arch>-<date>-<time>. An existing, non-empty one is never reused."""
+    out = out or Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"run folder {out} already exists and is not empty; pass a new --out, "
+                        f"or --resume {out / 'last.pt'} to continue it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class HistoryWriter:
+    """metrics.csv every epoch, curves.png at most every CURVES_EVERY_SECONDS and at the end; both rewritten from
+    the checkpoint's history, so a resume never duplicates rows."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.last_plot = run_dir, 0.0
+
+    def write(self, history: list[dict], final: bool = False) -> None:
+        tmp = self.run_dir / ".metrics.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, HISTORY_FIELDS)
+            writer.writeheader()
+            writer.writerows(history)
+        tmp.replace(self.run_dir / "metrics.csv")
+        if history and (final or time.monotonic() - self.last_plot > CURVES_EVERY_SECONDS):
+            plot_curves(history, self.run_dir / "curves.png")
+            self.last_plot = time.monotonic()
+
+
+def epoch_line(row: dict, epochs: int, is_best: bool) -> str:
+    line = (f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f}  val loss "
+            f"{row['val_loss']:.4f}  mIoU {100 * row['val_mIoU']:.2f}%  pixel acc {100 * row['pixel_acc']:.2f}%  "
+            f"train {row['seconds']:.1f} s (data wait {100 * row['data_wait']:.1f}%)  val {row['val_seconds']:.1f} s")
+    if row["peak_gpu_mb"]:
+        line += f"  peak GPU {row['peak_gpu_mb']:.0f} MB"
+    return line + ("  best" if is_best else "")
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Loss (train and val) and validation mIoU per epoch, side by side."""
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(10, 3.6))
+    ax_loss, ax_miou = fig.subplots(1, 2)
+    ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train")
+    ax_loss.plot(epochs, [row["val_loss"] for row in history], label="val")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_loss.legend()
+    ax_miou.plot(epochs, [100 * row["val_mIoU"] for row in history], color="tab:green")
+    ax_miou.set(xlabel="epoch", ylabel="mIoU (%)", title="validation mIoU")
+    for ax in (ax_loss, ax_miou):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_confusion(confusion: np.ndarray, class_names: tuple[str, ...], path: Path) -> None:
+    """Rows normalised to 1 (the share of each ground-truth class given to each prediction)."""
+    rows = confusion.sum(axis=1, keepdims=True)
+    normalised = np.divide(confusion, rows, out=np.zeros(confusion.shape), where=rows > 0)
+    size = 0.32 * len(class_names) + 2
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.subplots()
+    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+    ax.set(xlabel="prediction", ylabel="ground truth", title="confusion (row-normalised)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,151 @@
+"""Where a run executes: the device, the DDP process group that ``torchrun`` describes (a plain ``python main.py``
+runs as world size 1), the loader worker count, mixed precision, and Ctrl-C / SIGTERM as a request to stop.
+
+Stopping. Raising ``KeyboardInterrupt`` wherever the main process happens to be can land inside an optimizer
+step, between the update of one tensor and the next: the saved state would then match no step at all. Instead
+the first signal only sets a flag that the training loop reads between steps; a second signal aborts at once.
+Under DDP the ranks agree on the flag (an all-reduce at log boundaries), so they all stop at the same step.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from segmentation import UserError
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and cluster schedulers' pre-emption
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> the first CUDA GPU if there is one, else the CPU; a device this machine lacks is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} usable CUDA GPU(s); "
+                        "use --device cpu (or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name} is not supported here; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def setup(device_name: str) -> Context:
+    """Join the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPUs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Context(0, 1, pick_device(device_name))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Context(dist.get_rank(), world_size, device)
+
+
+def broadcast_object(value: object) -> object:
+    """Rank 0's ``value`` on every rank (itself under a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP copies them at the start of each
+    training forward, so after the last step each rank holds its own; validation and the checkpoint must
+    all use rank 0's model."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def on_main_rank(ctx: Context, make: Callable[[], T]) -> T:
+    """``make()`` run by rank 0 alone, its result given to every rank; its UserError is raised on every rank."""
+    outcome = None
+    if ctx.is_main:
+        try:
+            outcome = make()
+        except UserError as error:
+            outcome = error
+    outcome = broadcast_object(outcome)
+    if isinstance(outcome, UserError):
+        raise outcome
+    return outcome
+
+
+def cleanup() -> None:
+    """Leave the process group. Free DDP's wrapper first: freed after the group, its reducer is the group's last
+    owner and destroys it holding the GIL, while gloo's worker thread may need the GIL to free a finished
+    all-reduce; torchrun runs on 2 CPU cores hung there at exit (torch 2.11)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def worker_count(value: str | int, world_size: int) -> int:
+    """'auto' -> one fewer than this process's share of the CPU cores (the rest run the training step), 1..8."""
+    if value != "auto":
+        return int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(8, cores // world_size - 1))
+
+
+def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 autocast on CUDA where supported, fp16 (with loss scaling) on older GPUs, none on the CPU."""
+    if device.type != "cuda" or not amp:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class StopRequest:
+    """Context manager that installs the handlers and restores the previous ones on exit."""
+
+    def __init__(self, device: torch.device, world_size: int = 1):
+        self.device, self.world_size = device, world_size
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt  # the second signal: abort now, without saving
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, at_boundary: bool = True) -> bool:
+        """Whether to stop now. One process: the flag, checked every step. DDP: only at a boundary that every
+        rank reaches at the same step, where any rank's request stops them all."""
+        if self.world_size == 1:
+            return self.requested
+        if not at_boundary:
+            return False
+        flag = torch.tensor(float(self.requested), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
