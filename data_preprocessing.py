@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import struct
 import sys
 import urllib.error
 import zipfile
@@ -29,11 +28,12 @@ from urllib.parse import urlparse
 
 import cv2
 import numpy as np
+import PIL.Image
 import torch
 from torch.utils.data import Dataset
 from torchvision.datasets.utils import download_url, extract_archive
 
-from labels import IGNORE_INDEX, VALID_IDS, LabelSet, get_label_set
+from labels import LabelSet, get_label_set
 from segmentation import UserError
 from segmentation.layouts import DATASETS, default_split_for, get_layout, list_test_images
 
@@ -41,10 +41,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # a joint augmentation: (image, label, generator or None) -> (image, label), e.g. augmentation.TrainAugmentation
 Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator | None], tuple[torch.Tensor, torch.Tensor]]
-_ALLOWED_IDS = np.zeros(256, bool)
-_ALLOWED_IDS[VALID_IDS] = True
-_ALLOWED_IDS[IGNORE_INDEX] = True
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 KITTI_URL = "https://s3.eu-central-1.amazonaws.com/avg-kitti/data_semantics.zip"
 KITTI_COUNTS = {"training/image_2": 200, "training/semantic": 200, "testing/image_2": 200}
 
@@ -58,39 +54,42 @@ def read_image(path: Path) -> np.ndarray:
     return np.ascontiguousarray(image[..., ::-1])
 
 
-def read_label(path: Path, hint: str = "use training/semantic, not training/semantic_rgb") -> np.ndarray:
-    """(H, W) uint8 Cityscapes label ids, read unchanged (never converted from colour). ``hint`` names the
-    right files of the layout when a colour or 16-bit (instance id) PNG is offered instead."""
+def read_label(path: Path, label_set: LabelSet, hint: str = "use training/semantic, not training/semantic_rgb",
+               ) -> np.ndarray:
+    """(H, W) uint8 label values, read unchanged (never converted from colour) and checked against
+    ``label_set``'s table. ``hint`` names the right files of the layout when a colour or 16-bit (instance id) PNG
+    is offered instead."""
     label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if label is None:
         raise UserError(f"{path}: cannot be read as a label PNG; replace or delete the file")
     if label.ndim != 2 or label.dtype != np.uint8:
         raise UserError(f"{path}: label must be a single-channel 8-bit PNG of label ids (shape {label.shape}, "
                         f"{label.dtype}); {hint}")
-    bad = np.unique(label[~_ALLOWED_IDS[label]])
+    bad = np.unique(label[~label_set.known[label]])
     if bad.size:
-        raise UserError(f"{path}: label ids {bad.tolist()} are not in the Cityscapes table (0..33, 255 = ignore); "
-                        "remap them with labels.py's table")
+        raise UserError(f"{path}: label values {bad.tolist()} are not in {label_set.source}; add them to the "
+                        "table (or mark them void), or remap the labels")
     return label
 
 
-def png_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the PNG header (bytes 16..24 of the IHDR chunk), without decoding the image."""
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of a PNG or JPEG file from its header, without decoding the image (Pillow reads the header
+    on open and the pixels only when asked)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(24)
-    except OSError as error:
-        raise UserError(f"{path}: cannot be read ({error.strerror}); restore the file or remove its name") from None
-    if head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-        raise UserError(f"{path}: cannot be read as a PNG (no PNG header); replace or delete the file")
-    width, height = struct.unpack(">II", head[16:24])
+        with PIL.Image.open(path) as image:
+            (width, height), kind = image.size, image.format
+    except OSError as error:  # Pillow's UnidentifiedImageError is an OSError too
+        raise UserError(f"{path}: cannot be read as an image ({error}); replace or delete the file") from None
+    if kind not in ("PNG", "JPEG") or not width * height:
+        raise UserError(f"{path}: cannot be read as an image (a {kind} file of {width}x{height}, not a PNG or JPEG); "
+                        "replace or delete the file")
     return height, width
 
 
 def estimate_decoded_bytes(files: Iterable[Path], bytes_per_pixel: int = 4) -> int:
-    """Bytes that decoding ``files`` would take, from their PNG headers. The default 4 bytes a pixel is what
+    """Bytes that decoding ``files`` would take, from their headers. The default 4 bytes a pixel is what
     the cache holds for an image: 3 for RGB plus 1 for its 8-bit label of the same size."""
-    return sum(height * width * bytes_per_pixel for height, width in map(png_size, files))
+    return sum(height * width * bytes_per_pixel for height, width in map(image_size, files))
 
 
 def default_cache_gb() -> float:
@@ -153,7 +152,7 @@ class SegmentationDataset(Dataset):
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, label_path = self.paths[index]
-        image, label = read_image(image_path), read_label(label_path, self.layout.label_hint)
+        image, label = read_image(image_path), read_label(label_path, self.label_set, self.layout.label_hint)
         if image.shape[:2] != label.shape:
             raise UserError(f"{label_path}: label size {label.shape} differs from its image's {image.shape[:2]}; "
                             "the pair must have the same height and width")
@@ -164,7 +163,7 @@ class SegmentationDataset(Dataset):
         not decoded), for statistics such as class pixel counts."""
         if self._cache is not None:
             return self._cache[index][1]
-        return self.label_set.id_to_class[read_label(self.paths[index][1], self.layout.label_hint)]
+        return self.label_set.id_to_class[read_label(self.paths[index][1], self.label_set, self.layout.label_hint)]
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(uint8 image (3, H, W), uint8 label (H, W))``, transformed. With a ``seed`` (``key = (index, seed)``)

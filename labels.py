@@ -1,20 +1,31 @@
-"""The Cityscapes label table as KITTI's semantic benchmark uses it, and every lookup derived from it.
+"""The label tables: which value in a label PNG is which class. The Cityscapes table, as KITTI's semantic
+benchmark uses it, is written once here (same rows as cityscapesScripts' ``helpers/labels.py``); another
+vocabulary comes as a class table file (``read_class_table``). Every lookup is computed from a table, so
+changing a class means editing one row.
 
-The table is written once (same rows as cityscapesScripts' ``helpers/labels.py``); everything else in this
-file is computed from it, so changing a class means editing one row.
-
-Two label sets are offered:
-- ``train``: the 19 benchmark classes (``trainId`` 0..18); every other id maps to 255 and is ignored.
-- ``full``: every label id 0..33 is its own class, as the original assignment's 35-way head did. Id -1
+A ``LabelSet`` is what a model predicts, chosen in one place (``get_label_set``) from --label-set:
+- ``train``: the 19 Cityscapes benchmark classes (``trainId`` 0..18); every other id maps to 255 and is ignored.
+- ``full``: every Cityscapes label id 0..33 is its own class, as the original assignment's 35-way head did. Id -1
   (license plate) cannot occur in an 8-bit label PNG; ids 34..254 are not in the table and are rejected
   by the data loader; 255 is ignored.
+- a class table file, a CSV a person writes by hand, one row per label value (any values 0..254, in any order,
+  with gaps); rows marked void are ignored like 255::
+
+      value,name,r,g,b,void
+      0,sky,128,128,128,
+      5,road,128,64,128,
+      200,unlabelled,0,0,0,yes
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from segmentation import UserError
 
 IGNORE_INDEX = 255
 
@@ -89,49 +100,96 @@ for _label in LABELS:
 
 @dataclass(frozen=True)
 class LabelSet:
-    """The classes a model predicts, and how they relate to Cityscapes label ids.
+    """The classes a model predicts, and how they relate to the values in label files.
 
-    ``id_to_class`` maps a label id (0..255) to a class index, 255 meaning ignore; ``class_to_id`` maps a
-    class index back to the label id written in prediction PNGs.
+    ``id_to_class`` (256,) maps a label value to a class index, 255 meaning ignore (void values and 255
+    itself); ``class_to_id`` (C,) maps a class back to the value written in prediction PNGs; ``known`` (256,)
+    marks the values a label file may hold; ``colors`` (C, 3) uint8 RGB. ``class_to_train_id`` (C,) is the
+    Cityscapes benchmark trainId of each class (255 where unscored) for the Cityscapes sets, and None for a
+    table of another vocabulary, whose own classes are then its benchmark. ``source`` names the table.
     """
 
     name: str
     class_names: tuple[str, ...]
     class_to_id: np.ndarray
     id_to_class: np.ndarray
+    known: np.ndarray
+    colors: np.ndarray
+    class_to_train_id: np.ndarray | None
+    source: str
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    @property
-    def colors(self) -> np.ndarray:
-        """(C, 3) uint8 RGB colour of each class."""
-        return ID_TO_COLOR[self.class_to_id]
+    def to_dict(self) -> dict:
+        """Plain lists and strings, for a checkpoint loaded with ``weights_only=True``."""
+        return {key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in vars(self).items()}
 
-    @property
-    def class_to_train_id(self) -> np.ndarray:
-        """(C,) uint8: the benchmark trainId of each class, 255 where the class is not scored."""
-        return ID_TO_TRAIN_ID[self.class_to_id]
+    @classmethod
+    def from_dict(cls, table: dict) -> LabelSet:
+        arrays = {key: None if table[key] is None else np.array(table[key], dtype=np.uint8)
+                  for key in ("class_to_id", "id_to_class", "colors", "class_to_train_id")}
+        return cls(table["name"], tuple(table["class_names"]), known=np.array(table["known"], dtype=bool),
+                   source=table["source"], **arrays)
 
 
 def _make_label_set(name: str, labels: tuple[Label, ...]) -> LabelSet:
     class_to_id = np.array([l.id for l in labels], dtype=np.uint8)
     id_to_class = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     id_to_class[class_to_id] = np.arange(len(labels), dtype=np.uint8)
-    return LabelSet(name, tuple(l.name for l in labels), class_to_id, id_to_class)
+    known = np.zeros(256, bool)
+    known[VALID_IDS] = known[IGNORE_INDEX] = True
+    return LabelSet(name, tuple(l.name for l in labels), class_to_id, id_to_class, known, ID_TO_COLOR[class_to_id],
+                    ID_TO_TRAIN_ID[class_to_id], "the Cityscapes table (ids 0..33, 255 = ignore)")
 
 
 LABEL_SETS = {
     "train": _make_label_set("train", TRAIN_LABELS),
     "full": _make_label_set("full", tuple(ID_TO_LABEL[i] for i in VALID_IDS)),
 }
+TABLE_HELP = "a CSV file with the header value,name,r,g,b[,void] and one row per label value"
 
 
-def get_label_set(name: str) -> LabelSet:
-    if name not in LABEL_SETS:
-        raise ValueError(f"unknown label set {name!r}; choose one of {sorted(LABEL_SETS)}")
-    return LABEL_SETS[name]
+def read_class_table(path: Path) -> LabelSet:
+    """A class table file (see the module docstring) as a LabelSet; a mistake in it is one line naming the row."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(line for line in f if line.strip() and not line.lstrip().startswith("#")))
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"--label-set {path}: cannot be read ({error}); give {TABLE_HELP}") from None
+    if not rows or not {"value", "name", "r", "g", "b"} <= set(rows[0]):
+        raise UserError(f"--label-set {path}: not a class table; give {TABLE_HELP}")
+    values, classes = set(), []
+    id_to_class, known = np.full(256, IGNORE_INDEX, dtype=np.uint8), np.zeros(256, bool)
+    known[IGNORE_INDEX] = True
+    for line, row in enumerate(rows, 2):
+        try:
+            value, color = int(row["value"]), tuple(int(row[c]) for c in "rgb")
+        except (TypeError, ValueError):
+            raise UserError(f"{path}, line {line}: value, r, g and b must be whole numbers") from None
+        if not 0 <= value < IGNORE_INDEX or value in values or not all(0 <= c <= 255 for c in color):
+            raise UserError(f"{path}, line {line}: value {value} must be new and in 0..254 (255 is always ignored), "
+                            "and r, g, b in 0..255")
+        values.add(value)
+        known[value] = True
+        if (row.get("void") or "").strip().lower() not in ("yes", "true", "1", "void"):
+            id_to_class[value] = len(classes)
+            classes.append((value, row["name"].strip(), color))
+    if not classes:
+        raise UserError(f"{path}: every row is void; a table needs at least one class to learn")
+    return LabelSet(path.name, tuple(name for _, name, _ in classes), np.array([v for v, _, _ in classes], np.uint8),
+                    id_to_class, known, np.array([c for _, _, c in classes], np.uint8), None, f"class table {path}")
+
+
+def get_label_set(name: str | Path) -> LabelSet:
+    """The one place where --label-set picks the classes: ``train``, ``full``, or a class table file."""
+    if name in LABEL_SETS:
+        return LABEL_SETS[name]
+    if not Path(name).is_file():
+        raise UserError(f"--label-set {name}: use train, full, or {TABLE_HELP}")
+    return read_class_table(Path(name))
 
 
 def colorize(label_map: np.ndarray, label_set: LabelSet | None = None) -> np.ndarray:

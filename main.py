@@ -22,12 +22,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from data_preprocessing import download_kitti
-from labels import LABEL_SETS, get_label_set
+from labels import LABEL_SETS, LabelSet, get_label_set
 from model import ARCHS, build_model, count_parameters
 from segmentation import UserError, runtime
 from segmentation.checkpoint import (
     CheckpointWriter,
     initialise_from,
+    label_set_of,
     load_checkpoint,
     require_training_state,
     restore,
@@ -60,7 +61,7 @@ MOMENTUM = 0.9                   # SGD momentum, in [0, 1)
 WEIGHT_DECAY = 1e-4              # L2 on convolution weights (not on BatchNorm, biases or the x2 upsampling)
 WARMUP_EPOCHS = 1.0              # linear warm-up from 0.1 x LR over this many epochs, then poly decay
 POLY_POWER = 0.9                 # lr = LR x (1 - progress) ^ POLY_POWER, stepped every iteration
-LABEL_SET = "train"              # train: 19 benchmark classes (others ignored) | full: all 34 label ids
+LABEL_SET = "train"              # train: 19 benchmark classes (others ignored) | full: 34 ids | a class table .csv
 CLASS_WEIGHTS = "none"           # none | median-freq (SegNet) | log (ENet): cross-entropy weights from the train labels
 DATA_ROOT = "data/data_semantics"  # KITTI: folder holding training/ and testing/; Cityscapes: leftImg8bit/ and gtFine/
 OUT_DIR = None                   # run folder; None -> runs/<arch>-<date>-<time>; never overwritten
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scaling reference (default %(default)s; None: the dataset's)")
     p.add_argument("--workers", type=readable(int), default=WORKERS,
                    help="DataLoader processes per training process, or auto (default %(default)s)")
-    p.add_argument("--label-set", default=LABEL_SET, help=f"{' | '.join(LABEL_SETS)} (default %(default)s)")
+    p.add_argument("--label-set", default=LABEL_SET, help="train | full (Cityscapes ids) | a class table file, "
+                   "CSV: value,name,r,g,b[,void] (default %(default)s)")
     p.add_argument("--class-weights", default=CLASS_WEIGHTS,
                    help=f"class balancing of the cross-entropy: {' | '.join(WEIGHTINGS)} (default %(default)s)")
     p.add_argument("--data-root", type=Path, default=DATA_ROOT, help="(default %(default)s)")
@@ -165,7 +167,8 @@ ACCEPTS = {
     "weight_decay": (lambda v: real(v) and v >= 0, "0 or more, e.g. 1e-4"),
     "warmup_epochs": (lambda v: real(v) and v >= 0, "0 or more epochs, e.g. 1"),
     "poly_power": (lambda v: real(v) and v >= 0, "0 or more, e.g. 0.9"),
-    "label_set": (lambda v: v in LABEL_SETS, " | ".join(LABEL_SETS)),
+    "label_set": (lambda v: v in LABEL_SETS or (isinstance(v, (str, Path)) and str(v).endswith(".csv")),
+                  "train | full | a class table file, e.g. \"data/camvid/camvid.csv\""),
     "class_weights": (lambda v: v in WEIGHTINGS, " | ".join(WEIGHTINGS)),
     "data_root": (lambda v: isinstance(v, Path), "a folder, e.g. \"data/data_semantics\""),
     "out": (lambda v: v is None or isinstance(v, Path), "None or a folder, e.g. \"runs/fcn16-a\""),
@@ -255,13 +258,14 @@ def train(args: argparse.Namespace) -> Path:
         download_kitti(args.data_root)
     run_dir = args.resume.parent if state else runtime.on_main_rank(ctx, lambda: make_run_dir(args.out, args.arch))
 
-    # 1. data: the split (kept in the run folder), the loaders, the loss's class weights
-    data = make_loaders(args, ctx, run_dir, state)
-    label_set = get_label_set(args.label_set)
+    # 1. data: the classes (a resumed run's own table), the split (kept in the run folder), the loaders, the loss's
+    #    class weights
+    label_set = label_set_of(state) if state else get_label_set(args.label_set)
+    data = make_loaders(args, ctx, run_dir, label_set, state)
     class_weights = None if data.class_weights is None else data.class_weights.to(ctx.device)
 
     # 2. model
-    model = make_model(args, ctx, state)
+    model = make_model(args, ctx, label_set, state)
     net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) \
         if ctx.world_size > 1 else model
 
@@ -296,7 +300,8 @@ def train(args: argparse.Namespace) -> Path:
         """Everything --resume needs to continue exactly, after ``epoch`` finished epochs (plus ``progress``)."""
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "progress": vars(progress), "best_miou": best_miou,
-                "arch": args.arch, "num_classes": label_set.num_classes, "label_set": args.label_set,
+                "arch": args.arch, "num_classes": label_set.num_classes, "label_set": str(args.label_set),
+                "label_table": label_set.to_dict(),
                 "world_size": ctx.world_size, "class_weights": data.class_weights, "config": config_of(args),
                 "history": history, "rng_cpu": torch.get_rng_state()}
 
@@ -324,9 +329,8 @@ def train(args: argparse.Namespace) -> Path:
             if ctx.is_main:
                 report = evaluation_report(confusion.matrix, label_set)
                 if math.isnan(report["benchmark_mIoU"]):
-                    raise UserError(f"{args.data_root}: the validation images hold no pixel of the 19 benchmark "
-                                    "classes (every label is ignored or void), so no model can be scored; check the "
-                                    "val labels")
+                    raise UserError(f"{args.data_root}: the validation images hold no pixel of a scored class "
+                                    "(every label is ignored or void), so no model can be scored; check the val labels")
                 history.append(epoch_record(epoch + 1, optimizer.param_groups[0]["lr"], trained, val_loss, report,
                                             time.perf_counter() - start, ctx.device))
                 is_best, best_miou = report["benchmark_mIoU"] > best_miou, max(best_miou, report["benchmark_mIoU"])
@@ -346,7 +350,8 @@ def train(args: argparse.Namespace) -> Path:
         print(f"\ninterrupted: saved {run_dir / 'last.pt'} {stopped}; continue with: python main.py --resume "
               f"{quoted(run_dir / 'last.pt')}", flush=True)
     elif ctx.is_main:
-        print(f"done: best val mIoU {100 * best_miou:.2f}% (19-class benchmark); checkpoints, metrics.csv and "
+        scored = "19-class benchmark" if label_set.class_to_train_id is not None else label_set.source
+        print(f"done: best val mIoU {100 * best_miou:.2f}% ({scored}); checkpoints, metrics.csv and "
               f"curves.png in {run_dir}\nevaluate with: python test.py --checkpoint {quoted(run_dir / 'best.pt')}")
     net = train_step = None  # DDP's wrapper must be freed before the process group is left (runtime.cleanup)
     runtime.cleanup()
@@ -355,10 +360,10 @@ def train(args: argparse.Namespace) -> Path:
     return run_dir
 
 
-def make_model(args: argparse.Namespace, ctx: runtime.Context, state: dict | None) -> torch.nn.Module:
+def make_model(args: argparse.Namespace, ctx: runtime.Context, label_set: LabelSet,
+               state: dict | None) -> torch.nn.Module:
     """The FCN on ``ctx.device``: ImageNet trunk for a new run, --init-from's weights, or (resuming) whatever the
     checkpoint's weights will overwrite."""
-    label_set = get_label_set(args.label_set)
     fresh_trunk = state is None and not args.init_from
     model = build_model(args.arch, label_set.num_classes, args.pretrained and fresh_trunk,
                         args.backbone_weights if fresh_trunk else None)

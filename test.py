@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="best.pt or last.pt written by main.py")
     p.add_argument("--data-root", type=Path, help="dataset folder (default: the one the run trained on)")
-    p.add_argument("--split", default="val", choices=("val", "train", "trainval", "test"), help="(default %(default)s)")
+    p.add_argument("--split", default="val", choices=("val", "train", "trainval", "test"),
+                   help="test: a labelled split where the split folder has test.txt (CamVid), else the unlabelled test "
+                   "images, for a benchmark submission (default %(default)s)")
     p.add_argument("--split-dir", type=Path, help="folder with train.txt/val.txt (default: the run's own)")
     p.add_argument("--images", type=Path, help="predict a folder of PNG/JPEG images, or a video, instead of a split")
     p.add_argument("--out", type=Path, help="output folder (default: beside the checkpoint)")
@@ -98,8 +100,10 @@ def format_table(report: dict) -> str:
     for name, iou, acc, pixels in zip(report["class_names"], report["iou"], report["acc"], report["pixels"]):
         lines.append(f"{name:<{width}}{pct(iou):>8}{pct(acc):>8}{pixels:>12}")
     lines.append(f"mIoU {pct(report['mIoU'])}  pixel acc {pct(report['pixel_acc'])}  mean acc {pct(report['mean_acc'])}"
-                 f"  fwIoU {pct(report['fwIoU'])}  (19-class benchmark mIoU {pct(report['benchmark_mIoU'])})")
-    lines.append("category IoU: " + "  ".join(f"{k} {pct(v)}" for k, v in report["category_iou"].items()))
+                 f"  fwIoU {pct(report['fwIoU'])}")
+    if report["category_iou"]:  # the Cityscapes label sets: their benchmark is the 19 train classes
+        lines[-1] += f"  (19-class benchmark mIoU {pct(report['benchmark_mIoU'])})"
+        lines.append("category IoU: " + "  ".join(f"{k} {pct(v)}" for k, v in report["category_iou"].items()))
     return "\n".join(lines)
 
 
@@ -117,18 +121,19 @@ def write_report(report: dict, out: Path, extra: dict) -> None:
             writer.writerow([row[0], *(("" if math.isnan(v) else f"{v:.6f}") for v in row[1:3]), row[3]])
 
 
-def run_split_names(args, state: dict, dataset: str, root: Path) -> list[str]:
-    """The split's names: --split-dir's, else the run folder's own train.txt/val.txt, else the dataset default."""
-    split_dir = args.split_dir
-    if split_dir is None and (args.checkpoint.parent / f"{args.split}.txt").is_file():
-        split_dir = args.checkpoint.parent
-    if split_dir is None and state.get("config", {}).get("split_dir"):
-        split_dir = Path(state["config"]["split_dir"])
-    return labelled_names(dataset, root, args.split, split_dir)
+def split_dir_for(args: argparse.Namespace, state: dict) -> Path | None:
+    """Where the split's <split>.txt is: --split-dir, else the run folder (its own train.txt/val.txt), else the
+    run's --split-dir (e.g. CamVid's splits/ with test.txt); None: the dataset's default split."""
+    if args.split_dir is not None:
+        return args.split_dir
+    for folder in (args.checkpoint.parent, state.get("config", {}).get("split_dir")):
+        if folder and (Path(folder) / f"{args.split}.txt").is_file():
+            return Path(folder)
+    return None
 
 
 def evaluate_split(args, model, state, label_set, device, writer, dataset_name: str, root: Path) -> dict:
-    names = run_split_names(args, state, dataset_name, root)
+    names = labelled_names(dataset_name, root, args.split, split_dir_for(args, state))
     dataset = SegmentationDataset(dataset_name, root, names, label_set)
     loader = DataLoader(dataset, 1, num_workers=args.workers, pin_memory=device.type == "cuda")
 
@@ -244,7 +249,8 @@ def run(args: argparse.Namespace) -> dict:
     writer = PredictionWriter(args.out, label_set, sys.maxsize if args.save_all else args.num_visuals)
     if args.images is not None:
         return predict_images(args, model, ImageList(list_images(args.images)), device, writer)
-    if args.split == "test":
+    split_dir = split_dir_for(args, state)
+    if args.split == "test" and not (split_dir and (split_dir / "test.txt").is_file()):  # no public test labels
         return predict_images(args, model, ImageList(list_test_images(dataset_name, root)), device, writer)
     return evaluate_split(args, model, state, label_set, device, writer, dataset_name, root)
 

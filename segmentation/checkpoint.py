@@ -4,8 +4,9 @@ checked before use, and turned back into models.
 A checkpoint is a plain dict of tensors and primitives: model, optimizer, scheduler and scaler state,
 ``epoch`` (epochs completed), ``progress`` (steps done inside the next epoch, non-zero only after an
 interrupt), ``best_miou``, ``arch``, ``num_classes``, ``label_set``, ``world_size``, ``config``,
-``history`` (one dict per epoch) and the torch RNG state. A weights-only checkpoint holds just
-``REQUIRED_KEYS``: enough for test.py, export.py and --init-from, not for --resume.
+``history`` (one dict per epoch), the torch RNG state, and ``label_table``: the run's class table
+(``LabelSet.to_dict``), so that a model trained on a table file needs the file no more. A weights-only
+checkpoint holds just ``REQUIRED_KEYS``: enough for test.py, export.py and --init-from, not for --resume.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from labels import LabelSet, get_label_set
@@ -109,10 +111,17 @@ def load_model_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
                         f"({str(error).splitlines()[0]})") from None
 
 
+def label_set_of(state: dict) -> LabelSet:
+    """The classes a checkpoint's model predicts: its own table, or (older checkpoints) the named Cityscapes set."""
+    if state.get("label_table") is not None:
+        return LabelSet.from_dict(state["label_table"])
+    return get_label_set(state["label_set"])
+
+
 def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict, LabelSet]:
     """The checkpoint's network in eval mode on ``device`` (channels_last), its state, and its label set."""
     state = load_checkpoint(path)
-    label_set = get_label_set(state["label_set"])
+    label_set = label_set_of(state)
     if state["num_classes"] != label_set.num_classes:
         raise UserError(f"{path}: {state['num_classes']} classes do not match label set {state['label_set']!r} "
                         f"({label_set.num_classes}); the checkpoint is inconsistent")
@@ -122,19 +131,28 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict,
 
 
 def initialise_from(model: torch.nn.Module, path: Path, arch: str, label_set: LabelSet) -> str:
-    """Load ``path``'s weights into ``model``: all of them from the same architecture (fine-tuning), or the shared
-    ones from a coarser FCN (staged training: the new skip layers start at zero). Returns a line for the log."""
+    """Load ``path``'s weights into ``model``: all of them from the same architecture and classes (fine-tuning),
+    the shared ones from a coarser FCN (staged training: the new skip layers start at zero), or, from a model of
+    other classes, the trunk alone (its score and upsampling layers are this model's fresh ones). Returns a line
+    for the log."""
     state = load_checkpoint(path)
-    if state["num_classes"] != label_set.num_classes:
-        raise UserError(f"{path}: has {state['num_classes']} classes, this run {label_set.name!r} needs "
-                        f"{label_set.num_classes}; pass a matching --label-set")
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    theirs = label_set_of(state)
+    same_classes = theirs.class_names == label_set.class_names and \
+        np.array_equal(theirs.class_to_id, label_set.class_to_id)
+    own = model.state_dict()
+    unexpected = [key for key in state["model"] if key not in own]
     if unexpected:
         raise UserError(f"{path}: a {state['arch']} cannot initialise a coarser {arch}")
-    if missing:
-        new_layers = sorted({key.split(".")[0] for key in missing})
-        return f"initialised from {path} ({state['arch']}); new layers: {new_layers}"
-    return f"initialised from {path}: all weights of its {state['arch']} (fine-tuning)"
+    loaded = {key: value for key, value in state["model"].items()
+              if (same_classes or key.startswith("trunk.")) and value.shape == own[key].shape}
+    model.load_state_dict(loaded, strict=False)
+    fresh = sorted({key.split(".")[0] for key in own if key not in loaded})
+    if not fresh:
+        return f"initialised from {path}: all weights of its {state['arch']} (fine-tuning)"
+    classes = "" if same_classes else f"; its {theirs.num_classes} classes ({theirs.source}) differ from these " \
+        f"{label_set.num_classes}, so only the trunk is loaded"
+    return f"initialised from {path} ({state['arch']}): {len(loaded)} of {len(own)} tensors{classes}; " \
+        f"fresh: {', '.join(fresh)}"
 
 
 def restore(state: dict, path: Path, model, optimizer, scheduler, scaler) -> None:

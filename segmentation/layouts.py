@@ -17,13 +17,15 @@ the same validation images: KITTI has no official validation set and gets one fi
 """
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
 from segmentation import UserError
 
-LAYOUT_HELP = ("expected ROOT/training/image_2/*.png, ROOT/training/semantic/*.png and ROOT/testing/image_2/*.png "
-               "(KITTI data_semantics layout); pass --download to fetch KITTI, or --data-root PATH")
+LAYOUT_HELP = ("expected ROOT/training/image_2/*.png (or .jpg), ROOT/training/semantic/*.png and "
+               "ROOT/testing/image_2/*.png (KITTI data_semantics layout); pass --download to fetch KITTI, or "
+               "--data-root PATH")
 CITYSCAPES_HELP = ("expected ROOT/leftImg8bit/{train,val,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png and "
                    "ROOT/gtFine/{train,val,test}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png (Cityscapes "
                    "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip); pass --data-root PATH")
@@ -33,13 +35,24 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 # --- KITTI: names are file stems, paths follow from them ---------------------------------------------------
-def list_png(folder: Path) -> list[Path]:
+def list_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> dict[str, Path]:
+    """{stem: path} of the files in ``folder`` with one of ``suffixes``. Other files are named in a warning, never
+    dropped in silence; two files of one stem (a.png and a.jpg) are refused."""
     if not folder.is_dir():
         raise UserError(f"{folder} is missing: {LAYOUT_HELP}")
-    files = sorted(folder.glob("*.png"))
-    if not files:
-        raise UserError(f"{folder} holds no .png files: {LAYOUT_HELP}")
-    return files
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    kept = [p for p in files if p.suffix.lower() in suffixes]
+    skipped = [p.name for p in files if p.suffix.lower() not in suffixes]
+    if skipped:
+        logging.getLogger(__name__).warning(f"warning: {folder}: skipped {len(skipped)} file(s) that are not "
+                                            f"{'/'.join(suffixes)}: {', '.join(skipped[:5])}")
+    if not kept:
+        raise UserError(f"{folder} holds no {'/'.join(suffixes)} files: {LAYOUT_HELP}")
+    stems = [p.stem for p in kept]
+    clashing = sorted({p.name for p in kept if stems.count(p.stem) > 1})
+    if clashing:
+        raise UserError(f"{folder}: {', '.join(clashing[:4])} share a name; keep one file a name")
+    return {p.stem: p for p in kept}
 
 
 def list_labelled(root: Path) -> list[str]:
@@ -47,13 +60,13 @@ def list_labelled(root: Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data root {root} does not exist: {LAYOUT_HELP}")
-    images = {p.stem for p in list_png(root / "training" / "image_2")}
-    labels = {p.stem for p in list_png(root / "training" / "semantic")}
+    images = set(list_files(root / "training" / "image_2"))
+    labels = set(list_files(root / "training" / "semantic", (".png",)))
     for missing, where in ((images - labels, "training/semantic"), (labels - images, "training/image_2")):
         if missing:
             shown = ", ".join(sorted(missing)[:5]) + (" ..." if len(missing) > 5 else "")
             raise UserError(f"{root / where}: no file for {len(missing)} name(s): {shown}; "
-                            "every image needs a label of the same name")
+                            "every image needs a label of the same name (labels are PNG files)")
     return sorted(images)
 
 
@@ -76,14 +89,18 @@ class KittiLayout:
         return default_split(list_labelled(root))
 
     def pair_paths(self, root: Path, names: list[str]) -> list[tuple[Path, Path]]:
-        return [(root / "training" / "image_2" / f"{n}.png", root / "training" / "semantic" / f"{n}.png")
-                for n in names]
+        images = list_files(root / "training" / "image_2")
+        unknown = [n for n in names if n not in images]
+        if unknown:
+            raise UserError(f"{root / 'training' / 'image_2'}: no image {unknown[0]!r} ({len(unknown)} unknown "
+                            "name(s)); names are the images' file stems")
+        return [(images[n], root / "training" / "semantic" / f"{n}.png") for n in names]
 
     def test_dir(self, root: Path) -> Path:
         return root / "testing" / "image_2"
 
     def test_images(self, root: Path) -> list[tuple[str, Path]]:
-        return [(p.stem, p) for p in list_png(self.test_dir(root))]
+        return sorted(list_files(self.test_dir(root)).items())
 
 
 # --- Cityscapes: names are <city>/<stem>, the split is the folder they are in ------------------------------
@@ -174,9 +191,9 @@ def default_split_for(dataset: str, root: Path) -> dict[str, list[str]]:
 
 
 def labelled_names(dataset: str, root: Path, split: str, split_dir: Path | None = None) -> list[str]:
-    """Names in a labelled split: ``split_dir/<split>.txt`` if given, else ``default_split_for``;
-    ``trainval`` is every labelled image."""
-    if split not in LABELLED_SPLITS:
+    """Names in a labelled split: ``split_dir/<split>.txt`` if given (any split it names, e.g. a labelled test.txt),
+    else ``default_split_for``; ``trainval`` is every labelled image."""
+    if split not in LABELLED_SPLITS and not (split_dir and (Path(split_dir) / f"{split}.txt").is_file()):
         raise UserError(f"unknown labelled split {split!r}; choose one of {', '.join(LABELLED_SPLITS)}")
     default = default_split_for(dataset, root)
     labelled = sorted(default["train"] + default["val"])

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from data_preprocessing import SegmentationDataset, default_cache_gb, png_size
-from labels import get_label_set
+from data_preprocessing import SegmentationDataset, default_cache_gb, image_size
+from labels import LabelSet
 from segmentation import UserError, runtime
 from segmentation.augmentation import DATASET_DEFAULTS, train_augmentation
 from segmentation.layouts import default_split_for, labelled_names, write_split
@@ -205,11 +205,11 @@ def loader_generator(args: argparse.Namespace, ctx: runtime.Context, which: int)
     return torch.Generator().manual_seed((args.seed * 1_000_003 + ctx.rank) * 2 + which)
 
 
-def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, state: dict | None = None) -> RunData:
+def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, label_set: LabelSet,
+                 state: dict | None = None) -> RunData:
     """Training loader (seeded sampler, augmentation) and validation loader (full images batched by size, each
-    scored once over all ranks)."""
+    scored once over all ranks), labels as ``label_set``'s classes."""
     split = run_split(args, ctx, run_dir, resuming=state is not None)
-    label_set = get_label_set(args.label_set)
     crop, base = crop_and_base_size(args)
     # each process holds its own cache: the default budget (half the free memory) is shared by a node's processes
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -222,7 +222,7 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
                         f"({args.batch_size} x {ctx.world_size} processes); lower --batch-size")
     weights = loss_weights(train_set, args.class_weights, state)
     sampler = SeededTrainSampler(len(train_set), args.seed, ctx.rank, ctx.world_size)
-    sizes = [png_size(image) for image, _ in val_set.paths]
+    sizes = [image_size(image) for image, _ in val_set.paths]
     # batches help a GPU; on the CPU one full-size image at a time measured faster (docs/results.md)
     val_batches = ShapeBatchSampler(sizes, args.batch_size if ctx.device.type == "cuda" else 1, ctx.rank,
                                     ctx.world_size)

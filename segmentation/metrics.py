@@ -105,11 +105,16 @@ def category_confusion(benchmark: np.ndarray) -> np.ndarray:
 
 
 def evaluation_report(confusion: np.ndarray, label_set: LabelSet) -> dict:
-    """Everything test.py and main.py report for one split, from one (C, C) confusion matrix."""
+    """Everything test.py and main.py report for one split, from one (C, C) confusion matrix. ``benchmark_mIoU``
+    is the figure a model is chosen and compared by: the 19-class Cityscapes benchmark for the Cityscapes label
+    sets, the table's own mIoU for another vocabulary (which has no categories)."""
     report = summarize(confusion)
+    report["class_names"] = label_set.class_names
+    if label_set.class_to_train_id is None:
+        report["benchmark_mIoU"], report["benchmark_iou"], report["category_iou"] = report["mIoU"], report["iou"], {}
+        return report
     benchmark = benchmark_confusion(confusion, label_set)
     benchmark_summary = summarize(benchmark)
     report["benchmark_mIoU"], report["benchmark_iou"] = benchmark_summary["mIoU"], benchmark_summary["iou"]
     report["category_iou"] = dict(zip(CATEGORIES, iou_per_class(category_confusion(benchmark))))
-    report["class_names"] = label_set.class_names
     return report

@@ -15,6 +15,7 @@ from conftest import KITTI_SAMPLE, train_argv
 
 import main
 import test as evaluation
+from labels import get_label_set
 from segmentation import runtime
 from segmentation.checkpoint import load_model
 from segmentation.synthetic import write_synthetic_cityscapes
@@ -100,7 +101,8 @@ def test_kitti_stage_initialised_from_the_cityscapes_model_starts_with_its_exact
                                                                                         synthetic_root, tmp_path):
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "kitti", "--arch", "fcn16", "--lr", "0.001",
                                       "--init-from", str(cityscapes_run / "last.pt")))
-    finetune = main.make_model(args, runtime.Context(0, 1, torch.device("cpu")), None).eval()
+    cpu = runtime.Context(0, 1, torch.device("cpu"))
+    finetune = main.make_model(args, cpu, get_label_set(args.label_set), None).eval()
     first_stage = load_model(cityscapes_run / "last.pt", torch.device("cpu"))[0]
     x = torch.randn(2, 3, 96, 320)
     with torch.no_grad():

@@ -207,7 +207,7 @@ def test_cityscapes_instance_ids_are_refused_as_labels(cityscapes_copy):
 
 
 @pytest.mark.parametrize("damage,message", [
-    (lambda label: label[:, :3].fill(40), r"labelIds.png: label ids \[40\] are not in the Cityscapes table"),
+    (lambda label: label[:, :3].fill(40), r"labelIds.png: label values \[40\] are not in the Cityscapes table"),
     (lambda label: None, r"labelIds.png: label size \(32, 128\) differs from its image's \(64, 128\)"),
 ])
 def test_cityscapes_bad_labelIds_name_the_file(cityscapes_copy, damage, message):
@@ -246,7 +246,7 @@ def test_decoded_size_is_estimated_from_png_headers_without_decoding(cityscapes_
     expected = sum(cv2.imread(str(f)).shape[0] * cv2.imread(str(f)).shape[1] * 4 for f in files)
     assert estimate_decoded_bytes(files) == expected == 7 * 64 * 128 * 4
     (tmp_path / "fake.png").write_bytes(b"GIF89a" + bytes(40))
-    with pytest.raises(UserError, match="fake.png: cannot be read as a PNG"):
+    with pytest.raises(UserError, match="fake.png: cannot be read as an image"):
         estimate_decoded_bytes([tmp_path / "fake.png"])
 
 
@@ -305,7 +305,7 @@ def test_label_ids_outside_the_table_are_named_with_the_file(writable_tree):
     label = np.full((96, 320), 7, np.uint8)
     label[0, :3] = [40, 41, 41]
     cv2.imwrite(str(writable_tree / "training" / "semantic" / "000004_10.png"), label)
-    with pytest.raises(UserError, match=r"000004_10.png: label ids \[40, 41\] are not in the Cityscapes table"):
+    with pytest.raises(UserError, match=r"000004_10.png: label values \[40, 41\] are not in the Cityscapes table"):
         KittiSemantics(writable_tree, ["000004_10"])[0]
 
 

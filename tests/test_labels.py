@@ -3,6 +3,7 @@ import pytest
 from cityscapesscripts.helpers import labels as reference
 
 import labels
+from segmentation import UserError
 
 
 def test_table_matches_cityscapesscripts_row_by_row():
@@ -47,5 +48,5 @@ def colorize_equals(image, expected):
 
 
 def test_unknown_label_set_is_rejected():
-    with pytest.raises(ValueError, match="unknown label set"):
+    with pytest.raises(UserError, match="--label-set coco: use train, full, or a CSV"):
         labels.get_label_set("coco")

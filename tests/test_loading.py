@@ -8,6 +8,7 @@ from conftest import train_argv
 
 import main
 from data_preprocessing import SegmentationDataset
+from labels import get_label_set
 from segmentation import runtime
 from segmentation.loading import SeededTrainSampler, ShapeBatchSampler, make_loaders
 
@@ -25,7 +26,7 @@ def forkserver_by_default():
 def test_workers_share_the_cached_dataset_by_fork_not_by_pickling(synthetic_root, tmp_path, monkeypatch,
                                                                   forkserver_by_default):
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--workers", "1"))
-    data = make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path)
+    data = make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path, get_label_set("train"))
     assert data.train_loader.dataset.cached
 
     def refuse(self, protocol):
@@ -37,7 +38,7 @@ def test_workers_share_the_cached_dataset_by_fork_not_by_pickling(synthetic_root
 
 def test_a_non_square_crop_keeps_its_orientation_height_then_width(synthetic_root, tmp_path):
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--crop-size", "64", "96"))
-    data = make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path)
+    data = make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path, get_label_set("train"))
     images, labels = next(iter(data.train_loader))
     assert images.shape == (2, 3, 64, 96) and labels.shape == (2, 64, 96)
     assert "crop 64x96" in data.summary

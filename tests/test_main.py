@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import train_argv
 
 import main
+from labels import get_label_set
 from model import build_model
 from segmentation import UserError, runtime
 from segmentation.engine import parameter_groups, warmup_poly
@@ -167,7 +168,7 @@ def test_init_from_a_coarser_run_keeps_its_weights(synthetic_root, tmp_path):
     main.train(main.parse_args(train_argv(synthetic_root, coarse, "--arch", "fcn32", "--epochs", "1")))
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "fine", "--arch", "fcn8", "--init-from",
                                       str(coarse / "last.pt")))
-    net = main.make_model(args, runtime.Context(0, 1, torch.device("cpu")), None)
+    net = main.make_model(args, runtime.Context(0, 1, torch.device("cpu")), get_label_set(args.label_set), None)
     assert torch.equal(net.score32.weight, final_weights(coarse)["score32.weight"])
     assert net.score16.weight.abs().sum() == 0  # new skip layers start at zero
 
@@ -207,7 +208,7 @@ def test_init_from_a_finer_model_is_refused(synthetic_root, trained_run, tmp_pat
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--arch", "fcn32", "--init-from",
                                       str(trained_run / "best.pt")))
     with pytest.raises(UserError, match="a fcn16 cannot initialise a coarser fcn32"):
-        main.make_model(args, runtime.Context(0, 1, torch.device("cpu")), None)
+        main.make_model(args, runtime.Context(0, 1, torch.device("cpu")), get_label_set(args.label_set), None)
 
 
 def test_learning_rate_warms_up_linearly_then_decays_polynomially_to_zero():

