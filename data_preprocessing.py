@@ -7,7 +7,9 @@ chosen label set with 255 = ignore. Normalisation happens on the device (``norma
 crosses the bus as bytes, not floats.
 
 Command line: ``--make-synthetic DIR --num N [--layout cityscapes]`` writes a synthetic tree, ``--download
-ROOT`` fetches KITTI, ``--check ROOT [--layout cityscapes]`` reads every file of a tree and reports problems.
+ROOT`` fetches KITTI, ``--check ROOT [--layout cityscapes] [--label-set TABLE]`` reads every file of a tree and
+reports its problems, ``--colour-labels COLOURS LABELS --label-set TABLE`` turns colour label images into label
+PNGs.
 
 KITTI publishes no checksum for its archive, so ``download_kitti`` checks it twice: every member's CRC-32 inside
 the zip (a truncated download has no central directory and fails to open), then the file counts of the
@@ -33,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets.utils import download_url, extract_archive
 
-from labels import LabelSet, get_label_set
+from labels import IGNORE_INDEX, LabelSet, get_label_set
 from segmentation import UserError
 from segmentation.layouts import DATASETS, default_split_for, get_layout, list_test_images
 
@@ -252,16 +254,56 @@ def download_kitti(root: str | Path, url: str = KITTI_URL, expected_counts: dict
 
 
 # --- the command line ---------------------------------------------------------------------------------------
-def check_tree(root: Path, dataset: str = "kitti") -> str:
-    """Read every labelled pair under ``root`` (raising on the first problem) and summarise the tree."""
+def check_tree(root: Path, dataset: str = "kitti", label_set: LabelSet | str = "full") -> str:
+    """Read every labelled pair under ``root``, its labels checked against ``label_set``'s table, and summarise the
+    tree; the problems found, file by file, are raised together."""
     root = Path(root)
     split = default_split_for(dataset, root)
     names = split["train"] + split["val"]
-    pairs = SegmentationDataset(dataset, root, names, "full")
-    sizes = {tuple(pairs[i][1].shape) for i in range(len(pairs))}
+    pairs = SegmentationDataset(dataset, root, names, label_set)
+    sizes, problems = set(), []
+    for index in range(len(pairs)):
+        try:
+            sizes.add(tuple(pairs[index][1].shape))
+        except UserError as error:
+            problems.append(str(error))
+    if problems:
+        raise UserError(f"{root}: {len(problems)} of {len(names)} labelled pairs have problems: "
+                        + " | ".join(problems[:5]) + (" | ..." if len(problems) > 5 else ""))
     num_test = len(list_test_images(dataset, root)) if get_layout(dataset).test_dir(root).is_dir() else 0
     return (f"{root}: {len(names)} labelled pairs, {num_test} test images, {dataset} split "
-            f"{len(split['train'])}/{len(split['val'])}, sizes {sorted(sizes)}: OK")
+            f"{len(split['train'])}/{len(split['val'])}, sizes {sorted(sizes)}, labels in {pairs.label_set.source}: OK")
+
+
+def colour_labels_to_values(source: Path, dest: Path, label_set: LabelSet) -> str:
+    """Turn every colour label image (PNG) in ``source`` into a single-channel label PNG of the same name in
+    ``dest`` (new or empty), each pixel the table value of its colour. A colour that no row of the table has
+    becomes 255 (ignored); each file with such pixels is named, with their count. Where two rows share a
+    colour, the first one's value is written."""
+    files = sorted(p for p in Path(source).glob("*.png") if p.is_file())
+    if not files:
+        raise UserError(f"{source} holds no PNG files; pass the folder of colour label images")
+    if Path(dest).exists() and any(Path(dest).iterdir()):
+        raise UserError(f"{dest} already holds files; give a new or empty folder, so that nothing is overwritten")
+    values = np.flatnonzero(label_set.known[:255])[::-1]  # reversed: the first row of a shared colour wins
+    codes = {int(r) << 16 | int(g) << 8 | int(b): value
+             for value, (r, g, b) in zip(values, label_set.value_colors[values])}
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    unknown = []
+    for path in files:
+        rgb = read_image(path).astype(np.uint32)
+        pixel_codes, inverse = np.unique(rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2], return_inverse=True)
+        lookup = np.array([codes.get(int(code), IGNORE_INDEX) for code in pixel_codes], np.uint8)
+        label = lookup[inverse.reshape(rgb.shape[:2])]
+        if not cv2.imwrite(str(Path(dest) / path.name), label):
+            raise UserError(f"{Path(dest) / path.name}: could not be written; check the folder and free space")
+        if (lookup == IGNORE_INDEX).any():
+            unknown.append(f"{path.name} ({int((label == IGNORE_INDEX).sum())} pixels)")
+    line = f"wrote {len(files)} label PNGs to {dest} from the colours of {label_set.source}"
+    if unknown:
+        line += (f"; colours not in the table, written as 255 (ignored), in {len(unknown)} file(s): "
+                 + ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
+    return line
 
 
 def make_synthetic(args: argparse.Namespace) -> str:
@@ -291,15 +333,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--download", type=Path, metavar="ROOT", help="download and extract KITTI into ROOT")
     parser.add_argument("--check", type=Path, metavar="ROOT", help="read every file of a tree and report")
+    parser.add_argument("--colour-labels", type=Path, nargs=2, metavar=("COLOURS", "LABELS"),
+                        help="turn the colour label PNGs in folder COLOURS into label PNGs in the new folder LABELS")
+    parser.add_argument("--label-set", default="full", help="the table that --check and --colour-labels use: train, "
+                        "full (Cityscapes ids) or a class table CSV (default %(default)s)")
     args = parser.parse_args(argv)
     try:
         if args.make_synthetic:
             print(make_synthetic(args))
         if args.download:
             print(f"KITTI semantics ready in {download_kitti(args.download)}")
+        if args.colour_labels:
+            print(colour_labels_to_values(*args.colour_labels, get_label_set(args.label_set)))
         if args.check:
-            print(check_tree(args.check, args.layout))
-        if not (args.make_synthetic or args.download or args.check):
+            print(check_tree(args.check, args.layout, get_label_set(args.label_set)))
+        if not (args.make_synthetic or args.download or args.check or args.colour_labels):
             parser.print_help()
     except UserError as error:
         sys.exit(f"error: {error}")

@@ -104,7 +104,8 @@ class LabelSet:
 
     ``id_to_class`` (256,) maps a label value to a class index, 255 meaning ignore (void values and 255
     itself); ``class_to_id`` (C,) maps a class back to the value written in prediction PNGs; ``known`` (256,)
-    marks the values a label file may hold; ``colors`` (C, 3) uint8 RGB. ``class_to_train_id`` (C,) is the
+    marks the values a label file may hold; ``colors`` (C, 3) uint8 RGB of each class, ``value_colors`` (256, 3)
+    of each label value, void ones included (for colour label images). ``class_to_train_id`` (C,) is the
     Cityscapes benchmark trainId of each class (255 where unscored) for the Cityscapes sets, and None for a
     table of another vocabulary, whose own classes are then its benchmark. ``source`` names the table.
     """
@@ -115,6 +116,7 @@ class LabelSet:
     id_to_class: np.ndarray
     known: np.ndarray
     colors: np.ndarray
+    value_colors: np.ndarray
     class_to_train_id: np.ndarray | None
     source: str
 
@@ -128,8 +130,11 @@ class LabelSet:
 
     @classmethod
     def from_dict(cls, table: dict) -> LabelSet:
-        arrays = {key: None if table[key] is None else np.array(table[key], dtype=np.uint8)
-                  for key in ("class_to_id", "id_to_class", "colors", "class_to_train_id")}
+        arrays = {key: None if table.get(key) is None else np.array(table[key], dtype=np.uint8)
+                  for key in ("class_to_id", "id_to_class", "colors", "value_colors", "class_to_train_id")}
+        if arrays["value_colors"] is None:  # tables saved before it was kept: the classes' colours, void black
+            arrays["value_colors"] = np.zeros((256, 3), np.uint8)
+            arrays["value_colors"][arrays["class_to_id"]] = arrays["colors"]
         return cls(table["name"], tuple(table["class_names"]), known=np.array(table["known"], dtype=bool),
                    source=table["source"], **arrays)
 
@@ -141,7 +146,7 @@ def _make_label_set(name: str, labels: tuple[Label, ...]) -> LabelSet:
     known = np.zeros(256, bool)
     known[VALID_IDS] = known[IGNORE_INDEX] = True
     return LabelSet(name, tuple(l.name for l in labels), class_to_id, id_to_class, known, ID_TO_COLOR[class_to_id],
-                    ID_TO_TRAIN_ID[class_to_id], "the Cityscapes table (ids 0..33, 255 = ignore)")
+                    ID_TO_COLOR, ID_TO_TRAIN_ID[class_to_id], "the Cityscapes table (ids 0..33, 255 = ignore)")
 
 
 LABEL_SETS = {
@@ -161,7 +166,7 @@ def read_class_table(path: Path) -> LabelSet:
         raise UserError(f"--label-set {path}: cannot be read ({error}); give {TABLE_HELP}") from None
     if not rows or not {"value", "name", "r", "g", "b"} <= set(rows[0]):
         raise UserError(f"--label-set {path}: not a class table; give {TABLE_HELP}")
-    values, classes = set(), []
+    values, classes, value_colors = set(), [], np.zeros((256, 3), np.uint8)
     id_to_class, known = np.full(256, IGNORE_INDEX, dtype=np.uint8), np.zeros(256, bool)
     known[IGNORE_INDEX] = True
     for line, row in enumerate(rows, 2):
@@ -173,14 +178,15 @@ def read_class_table(path: Path) -> LabelSet:
             raise UserError(f"{path}, line {line}: value {value} must be new and in 0..254 (255 is always ignored), "
                             "and r, g, b in 0..255")
         values.add(value)
-        known[value] = True
+        known[value], value_colors[value] = True, color
         if (row.get("void") or "").strip().lower() not in ("yes", "true", "1", "void"):
             id_to_class[value] = len(classes)
             classes.append((value, row["name"].strip(), color))
     if not classes:
         raise UserError(f"{path}: every row is void; a table needs at least one class to learn")
     return LabelSet(path.name, tuple(name for _, name, _ in classes), np.array([v for v, _, _ in classes], np.uint8),
-                    id_to_class, known, np.array([c for _, _, c in classes], np.uint8), None, f"class table {path}")
+                    id_to_class, known, np.array([c for _, _, c in classes], np.uint8), value_colors, None,
+                    f"class table {path}")
 
 
 def get_label_set(name: str | Path) -> LabelSet:

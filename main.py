@@ -306,7 +306,7 @@ def train(args: argparse.Namespace) -> Path:
                 "history": history, "rng_cpu": torch.get_rng_state()}
 
     # 5. epochs: train, validate on full images, then (rank 0) metrics.csv, last.pt and best.pt, the log line
-    checkpoints, history_writer, stopped = CheckpointWriter(), HistoryWriter(run_dir), None
+    checkpoints, history_writer, stopped = CheckpointWriter(), HistoryWriter(run_dir, label_set.class_names), None
     batches = StartedEpoch(data.train_loader, data.sampler, start_epoch, skip=progress.step * args.batch_size)
     with runtime.StopRequest(ctx.device, ctx.world_size) as stop:
         for epoch in range(start_epoch, args.epochs):

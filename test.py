@@ -89,7 +89,28 @@ class PredictionWriter:
         panels = [image.permute(1, 2, 0).numpy(), color]
         if truth is not None:
             panels.append(colorize(truth, self.label_set))
+        present = np.unique(np.concatenate([p.ravel() for p in (classes, truth) if p is not None]))
+        panels.append(legend(self.label_set, present[present < self.label_set.num_classes], color.shape[1]))
         cv2.imwrite(str(self.out / "overlay" / f"{name}.png"), np.vstack(panels)[..., ::-1])
+
+
+def legend(label_set: LabelSet, classes: np.ndarray, width: int, row: int = 22) -> np.ndarray:
+    """(H, width, 3) RGB strip: a colour swatch and the name of each of ``classes``, left to right in rows."""
+    cells, column = [], 0
+    for index in classes:
+        name = label_set.class_names[index]
+        cell = 26 + cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)[0][0] + 12
+        if column + cell > width and column:
+            column = 0
+        cells.append((index, name, column, len(cells) and column == 0))
+        column += cell
+    rows = 1 + sum(new_row for *_, new_row in cells)
+    strip, y = np.full((rows * row + 4, width, 3), 255, np.uint8), -row
+    for index, name, x, _ in cells:
+        y += row if x == 0 else 0
+        cv2.rectangle(strip, (x + 4, y + 6), (x + 20, y + 20), label_set.colors[index].tolist(), -1)
+        cv2.putText(strip, name, (x + 26, y + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
 
 
 def format_table(report: dict) -> str:

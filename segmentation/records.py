@@ -20,11 +20,13 @@ CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at th
 
 def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float, report: dict, val_seconds: float,
                  device: torch.device) -> dict:
-    """One row of metrics.csv; val_mIoU is the 19-class benchmark mIoU in every label set."""
+    """One row of metrics.csv (and of class_iou.csv); val_mIoU is the benchmark mIoU: the 19 Cityscapes classes in
+    both Cityscapes label sets, a class table's own classes otherwise."""
     return {"epoch": epoch, "lr": lr, "train_loss": progress.loss_sum / max(progress.step, 1), "val_loss": val_loss,
             "val_mIoU": report["benchmark_mIoU"], "pixel_acc": report["pixel_acc"], "seconds": progress.seconds,
             "data_wait": progress.data_wait / max(progress.seconds, 1e-9), "val_seconds": val_seconds,
-            "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0}
+            "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0,
+            "class_iou": [round(float(iou), 6) for iou in report["iou"]]}  # NaN: the class is absent from val
 
 
 def make_run_dir(out: Path | None, arch: str) -> Path:
@@ -38,19 +40,23 @@ def make_run_dir(out: Path | None, arch: str) -> Path:
 
 
 class HistoryWriter:
-    """metrics.csv every epoch, curves.png at most every CURVES_EVERY_SECONDS and at the end; both rewritten from
-    the checkpoint's history, so a resume never duplicates rows."""
+    """metrics.csv and class_iou.csv (each class's validation IoU, so that a class that collapses shows early) every
+    epoch, curves.png at most every CURVES_EVERY_SECONDS and at the end; all rewritten from the checkpoint's
+    history, so a resume never duplicates rows."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir, self.last_plot = run_dir, 0.0
+    def __init__(self, run_dir: Path, class_names: tuple[str, ...]):
+        self.run_dir, self.class_names, self.last_plot = run_dir, class_names, 0.0
 
     def write(self, history: list[dict], final: bool = False) -> None:
-        tmp = self.run_dir / ".metrics.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, HISTORY_FIELDS)
-            writer.writeheader()
-            writer.writerows(history)
-        tmp.replace(self.run_dir / "metrics.csv")
+        iou_rows = [{"epoch": row["epoch"], **dict(zip(self.class_names, row.get("class_iou", [])))} for row in history]
+        for name, fields, rows in (("metrics.csv", HISTORY_FIELDS, history),
+                                   ("class_iou.csv", ("epoch", *self.class_names), iou_rows)):
+            tmp = self.run_dir / f".{name}.tmp"
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fields, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+            tmp.replace(self.run_dir / name)
         if history and (final or time.monotonic() - self.last_plot > CURVES_EVERY_SECONDS):
             plot_curves(history, self.run_dir / "curves.png")
             self.last_plot = time.monotonic()
@@ -72,7 +78,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax_loss, ax_miou = fig.subplots(1, 2)
     ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train")
     ax_loss.plot(epochs, [row["val_loss"] for row in history], label="val")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss", yscale="log")  # early val losses can be 100s
     ax_loss.legend()
     ax_miou.plot(epochs, [100 * row["val_mIoU"] for row in history], color="tab:green")
     ax_miou.set(xlabel="epoch", ylabel="mIoU (%)", title="validation mIoU")

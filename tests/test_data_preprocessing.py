@@ -235,8 +235,9 @@ def test_make_synthetic_and_check_on_the_command_line_for_both_layouts(tmp_path,
                                  "--num-test", "1", "--size", "64", "96"])
         data_preprocessing.main(["--check", str(root), "--layout", layout])
     out = capsys.readouterr().out
-    assert "kitti: 3 labelled pairs, 1 test images, kitti split 2/1, sizes [(64, 96)]: OK" in out
-    assert "cityscapes: 5 labelled pairs, 1 test images, cityscapes split 3/2, sizes [(64, 96)]: OK" in out
+    table = "labels in the Cityscapes table (ids 0..33, 255 = ignore): OK"
+    assert f"kitti: 3 labelled pairs, 1 test images, kitti split 2/1, sizes [(64, 96)], {table}" in out
+    assert f"cityscapes: 5 labelled pairs, 1 test images, cityscapes split 3/2, sizes [(64, 96)], {table}" in out
     assert len(list((tmp_path / "cityscapes").glob("gtFine/*/*/*_gtFine_color.png"))) == 5
 
 
