@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.utils import download_url, extract_archive
 
 from labels import IGNORE_INDEX, LabelSet, get_label_set
-from segmentation import UserError
+from segmentation import UserError, os_error_line
 from segmentation.layouts import DATASETS, default_split_for, get_layout, list_test_images
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -351,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.print_help()
     except UserError as error:
         sys.exit(f"error: {error}")
+    except OSError as error:
+        sys.exit(f"error: {os_error_line(error)}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch import nn
 
 from data_preprocessing import normalize
 from labels import LabelSet
-from segmentation import UserError
+from segmentation import UserError, os_error_line
 from segmentation.checkpoint import load_model
 
 FORMATS = ("onnx", "pt2")
@@ -99,10 +99,29 @@ def save_atomically(program: torch.export.ExportedProgram, path: Path, fmt: str,
         tmp.unlink(missing_ok=True)
 
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "class_iou.csv", "curves.png", "train.txt", "val.txt")
+
+
+def format_of(out: Path | None, fmt: str | None) -> str:
+    """The file's format: --format, else --out's extension; a name that says another format than the content is
+    refused (a .pt2 file holding ONNX is unreadable by torch.export.load)."""
+    suffix = out.suffix.lower().lstrip(".") if out else None
+    if fmt and suffix and suffix != fmt:
+        raise UserError(f"--out {out} names a .{suffix} file but --format is {fmt}; make them agree, e.g. --out "
+                        f"{out.with_suffix('.' + fmt)}")
+    if not fmt and suffix and suffix not in FORMATS:
+        raise UserError(f"--out {out}: no format is named .{suffix}; end the name in .onnx or .pt2")
+    return fmt or suffix or "onnx"
+
+
 def check_out(path: Path, force: bool) -> None:
-    """Refuse before the slow trace: an existing file (a deployed model, say) is only replaced with --force."""
+    """Refuse before the slow trace: an existing file (a deployed model, say) is only replaced with --force, and a
+    file of a training run never."""
     if path.is_dir():
         raise UserError(f"--out {path} is a folder; give a file name, e.g. {path / 'model.onnx'}")
+    if path.name in RUN_FILES and (path.parent / "last.pt").is_file():
+        raise UserError(f"--out {path} is a file of the training run in {path.parent}; export to another name, e.g. "
+                        f"{path.parent / 'model.onnx'}")
     if path.exists() and not force:
         raise UserError(f"{path} already exists; pass --force to overwrite it, or choose another --out")
     if not path.parent.is_dir():
@@ -123,7 +142,7 @@ def export(checkpoint: Path, out: Path, fmt: str = "onnx", with_logits: bool = F
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="best.pt or last.pt written by main.py")
-    p.add_argument("--format", default="onnx", choices=FORMATS, help="(default %(default)s)")
+    p.add_argument("--format", choices=FORMATS, help="(default: --out's extension, else onnx)")
     p.add_argument("--out", type=Path, help="file to write (default: beside the checkpoint, e.g. best.onnx)")
     p.add_argument("--with-logits", action="store_true", help="also output the (1, C, H, W) float32 logits")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -132,13 +151,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    out = args.out or args.checkpoint.with_suffix(f".{args.format}")
     try:
+        fmt = format_of(args.out, args.format)
+        out = args.out or args.checkpoint.with_suffix(f".{fmt}")
         if not args.checkpoint.is_file():
             raise UserError(f"checkpoint {args.checkpoint} does not exist; pass the best.pt or last.pt of a run")
-        export(args.checkpoint, out, args.format, args.with_logits, args.force)
+        export(args.checkpoint, out, fmt, args.with_logits, args.force)
     except UserError as error:
         sys.exit(f"error: {error}")
+    except OSError as error:
+        sys.exit(f"error: {os_error_line(error)}")
     print(f"wrote {out}: (1, 3, H, W) uint8 RGB -> (1, H, W) uint8 label ids{' + logits' if args.with_logits else ''}")
 
 

@@ -24,12 +24,14 @@ from torch.nn.parallel import DistributedDataParallel
 from data_preprocessing import download_kitti
 from labels import LABEL_SETS, LabelSet, get_label_set
 from model import ARCHS, build_model, count_parameters
-from segmentation import UserError, runtime
+from segmentation import UserError, os_error_line, runtime
 from segmentation.checkpoint import (
     CheckpointWriter,
     initialise_from,
     label_set_of,
     load_checkpoint,
+    non_finite,
+    republish_best,
     require_training_state,
     restore,
     save_checkpoint,
@@ -44,10 +46,10 @@ from segmentation.engine import (
     to_model_input,
     train_one_epoch,
 )
-from segmentation.layouts import DATASETS
+from segmentation.layouts import DATASETS, write_split
 from segmentation.loading import WEIGHTINGS, StartedEpoch, make_loaders
 from segmentation.metrics import evaluation_report
-from segmentation.records import HistoryWriter, epoch_line, epoch_record, make_run_dir
+from segmentation.records import HistoryWriter, claimed_run_dir, epoch_line, epoch_record, plan_run_dir
 
 # ---- Hyperparameters: edit here, or override with the flag of the same name (--batch-size for BATCH_SIZE) ----
 ARCH = "fcn16"                   # fcn32 | fcn16 | fcn8
@@ -256,7 +258,7 @@ def train(args: argparse.Namespace) -> Path:
     torch.backends.cudnn.benchmark = ctx.device.type == "cuda" and not args.deterministic
     if args.download and ctx.is_main and state is None:
         download_kitti(args.data_root)
-    run_dir = args.resume.parent if state else runtime.on_main_rank(ctx, lambda: make_run_dir(args.out, args.arch))
+    run_dir = args.resume.parent if state else runtime.on_main_rank(ctx, lambda: plan_run_dir(args.out, args.arch))
 
     # 1. data: the classes (a resumed run's own table), the split (kept in the run folder), the loaders, the loss's
     #    class weights
@@ -308,14 +310,19 @@ def train(args: argparse.Namespace) -> Path:
     # 5. epochs: train, validate on full images, then (rank 0) metrics.csv, last.pt and best.pt, the log line
     checkpoints, history_writer, stopped = CheckpointWriter(), HistoryWriter(run_dir, label_set.class_names), None
     batches = StartedEpoch(data.train_loader, data.sampler, start_epoch, skip=progress.step * args.batch_size)
-    with runtime.StopRequest(ctx.device, ctx.world_size) as stop:
+    # the folder is made only now that data, model and resume state are checked; rank 0 holds its lock till the end
+    with claimed_run_dir(ctx, run_dir, new=state is None), runtime.StopRequest(ctx.device, ctx.world_size) as stop:
+        if ctx.is_main and state is None:
+            write_split(data.split, run_dir)
+        elif ctx.is_main:
+            republish_best(run_dir, state)
         for epoch in range(start_epoch, args.epochs):
             try:
                 finished = train_one_epoch(net, train_step, batches, progress, stop, f"epoch {epoch + 1}/{args.epochs}",
                                            args.log_every, ctx.is_main)
             except NonFiniteLoss as error:
-                raise UserError(f"{error} in epoch {epoch + 1}; {run_dir / 'last.pt'} keeps the last good epoch; "
-                                "lower --lr, or try --no-amp") from None
+                raise UserError(f"{error} in epoch {epoch + 1}; {kept_checkpoint(checkpoints, run_dir)}; lower --lr, "
+                                "or try --no-amp") from None
             if not finished:  # Ctrl-C or SIGTERM inside the epoch
                 stopped = f"at epoch {epoch + 1} step {progress.step}"
                 break
@@ -333,6 +340,10 @@ def train(args: argparse.Namespace) -> Path:
                                     "(every label is ignored or void), so no model can be scored; check the val labels")
                 history.append(epoch_record(epoch + 1, optimizer.param_groups[0]["lr"], trained, val_loss, report,
                                             time.perf_counter() - start, ctx.device))
+                broken = non_finite(model)  # e.g. BatchNorm statistics overflowed while the loss still looked finite
+                if broken:
+                    raise UserError(f"epoch {epoch + 1} left {broken} with NaN or infinite values; "
+                                    f"{kept_checkpoint(checkpoints, run_dir)}; lower --lr, or try --no-amp")
                 is_best, best_miou = report["benchmark_mIoU"] > best_miou, max(best_miou, report["benchmark_mIoU"])
                 checkpoints.submit(snapshot(epoch + 1), run_dir / "last.pt", run_dir / "best.pt" if is_best else None)
                 history_writer.write(history, final=epoch + 1 == args.epochs)
@@ -341,18 +352,18 @@ def train(args: argparse.Namespace) -> Path:
                 stopped = f"after epoch {epoch + 1}"
                 break
 
-    # 6. the last write finishes (or its error is raised); an interrupted run saves where it stands, and exits 130
-    checkpoints.wait()
-    if stopped and ctx.is_main:
-        if progress.step:  # inside an epoch: the finished steps are saved now
-            save_checkpoint(snapshot(epoch), run_dir / "last.pt")
-        history_writer.write(history, final=True)
-        print(f"\ninterrupted: saved {run_dir / 'last.pt'} {stopped}; continue with: python main.py --resume "
-              f"{quoted(run_dir / 'last.pt')}", flush=True)
-    elif ctx.is_main:
-        scored = "19-class benchmark" if label_set.class_to_train_id is not None else label_set.source
-        print(f"done: best val mIoU {100 * best_miou:.2f}% ({scored}); checkpoints, metrics.csv and "
-              f"curves.png in {run_dir}\nevaluate with: python test.py --checkpoint {quoted(run_dir / 'best.pt')}")
+        # 6. the last write finishes (or its error is raised); an interrupted run saves where it stands, and exits 130
+        checkpoints.wait()
+        if stopped and ctx.is_main:
+            if progress.step:  # inside an epoch: the finished steps are saved now
+                save_checkpoint(snapshot(epoch), run_dir / "last.pt")
+            history_writer.write(history, final=True)
+            print(f"\ninterrupted: saved {run_dir / 'last.pt'} {stopped}; continue with: python main.py --resume "
+                  f"{quoted(run_dir / 'last.pt')}", flush=True)
+        elif ctx.is_main:
+            scored = "19-class benchmark" if label_set.class_to_train_id is not None else label_set.source
+            print(f"done: best val mIoU {100 * best_miou:.2f}% ({scored}); checkpoints, metrics.csv and "
+                  f"curves.png in {run_dir}\nevaluate with: python test.py --checkpoint {quoted(run_dir / 'best.pt')}")
     net = train_step = None  # DDP's wrapper must be freed before the process group is left (runtime.cleanup)
     runtime.cleanup()
     if stopped:
@@ -375,6 +386,15 @@ def make_model(args: argparse.Namespace, ctx: runtime.Context, label_set: LabelS
     if args.sync_bn and ctx.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def kept_checkpoint(checkpoints: CheckpointWriter, run_dir: Path) -> str:
+    """What the run folder keeps after training diverged: the last finite epoch's last.pt, or nothing."""
+    checkpoints.wait()
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        return "no checkpoint was saved before it"
+    return f"{last} keeps epoch {load_checkpoint(last)['epoch']}, the last whose weights were finite"
 
 
 def describe(args, model, label_set, data_summary: str, ctx: runtime.Context, run_dir: Path) -> str:
@@ -430,6 +450,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"predictions and overlays in {run_dir / 'test_val'}")
     except UserError as error:
         sys.exit(f"error: {error}")
+    except OSError as error:  # a folder or disk that fails mid-run: checkpoints are kept, see save_checkpoint
+        sys.exit(f"error: {os_error_line(error)}")
     except RuntimeError as error:
         if "deterministic implementation" not in str(error):
             raise

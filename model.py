@@ -160,10 +160,12 @@ def imagenet_state_dict(backbone_weights: str | None = None) -> dict:
     """ResNet18 ImageNet weights from a local file, or torchvision's (downloaded once to the torch hub cache)."""
     if backbone_weights is not None:
         try:
-            return torch.load(backbone_weights, map_location="cpu", weights_only=True)
+            state = torch.load(backbone_weights, map_location="cpu", weights_only=True)
         except Exception as error:  # torch.load raises many types for a bad file
-            raise UserError(f"{backbone_weights}: cannot load ResNet18 weights ({error}); pass a state_dict "
-                            "saved with torch.save(resnet18().state_dict(), PATH)") from None
+            raise UserError(f"{backbone_weights}: cannot load ResNet18 weights ({str(error).splitlines()[0]}); pass "
+                            "a state_dict saved with torch.save(resnet18().state_dict(), PATH)") from None
+        check_resnet18_weights(state, backbone_weights)
+        return state
     weights = ResNet18_Weights.IMAGENET1K_V1
     try:
         return weights.get_state_dict(progress=True)
@@ -171,6 +173,26 @@ def imagenet_state_dict(backbone_weights: str | None = None) -> dict:
         cache = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
         raise UserError(f"cannot download ImageNet weights from {weights.url} ({error}); put that file at {cache}, "
                         "or pass --backbone-weights PATH, or --no-pretrained to start from random weights") from None
+
+
+def check_resnet18_weights(state: object, path: str) -> None:
+    """Refuse, naming what the file holds, weights that are not a ResNet18 ImageNet state_dict (checked by key and
+    shape before loading, so the error is one line, not load_state_dict's list)."""
+    fix = "pass a ResNet18 state_dict, saved with torch.save(resnet18().state_dict(), PATH)"
+    if isinstance(state, dict) and "model" in state and "arch" in state:
+        raise UserError(f"{path}: holds a checkpoint of this project ({state['arch']}), not ResNet18 weights; start "
+                        f"from it with --init-from {path}, or {fix}")
+    expected = {key: tuple(value.shape) for key, value in resnet18().state_dict().items()}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: holds a {type(state).__name__}, not a state_dict of tensors; {fix}")
+    missing, extra = [key for key in expected if key not in state], [key for key in state if key not in expected]
+    wrong = [f"{key} is {tuple(state[key].shape)}, not {shape}" for key, shape in expected.items()
+             if key in state and tuple(state[key].shape) != shape]
+    if missing or extra or wrong:
+        held = f"{len(state)} tensors; " + (wrong[0] if wrong else f"{len(missing)} ResNet18 keys missing, e.g. "
+                                            f"{missing[0]}" if missing else f"{len(extra)} keys ResNet18 lacks, e.g. "
+                                            f"{extra[0]}")
+        raise UserError(f"{path}: not ResNet18 ImageNet weights ({held}; a ResNet-34/50 or another network?); {fix}")
 
 
 def build_model(arch: str, num_classes: int, pretrained: bool = True, backbone_weights: str | None = None) -> FCN32s:

@@ -27,12 +27,12 @@ from torch.utils.data import DataLoader
 
 from data_preprocessing import ImageList, SegmentationDataset
 from labels import LabelSet, colorize
-from segmentation import UserError
+from segmentation import UserError, os_error_line
 from segmentation.checkpoint import load_model
 from segmentation.engine import ProgressLine, class_map, evaluate, predict
 from segmentation.layouts import labelled_names, list_images, list_test_images
 from segmentation.metrics import evaluation_report
-from segmentation.records import plot_confusion
+from segmentation.records import check_writable, plot_confusion
 from segmentation.runtime import pick_device
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -153,9 +153,8 @@ def split_dir_for(args: argparse.Namespace, state: dict) -> Path | None:
     return None
 
 
-def evaluate_split(args, model, state, label_set, device, writer, dataset_name: str, root: Path) -> dict:
-    names = labelled_names(dataset_name, root, args.split, split_dir_for(args, state))
-    dataset = SegmentationDataset(dataset_name, root, names, label_set)
+def evaluate_split(args, model, state, dataset: SegmentationDataset, device, writer) -> dict:
+    names, label_set, dataset_name = dataset.names, dataset.label_set, state.get("config", {}).get("dataset", "kitti")
     loader = DataLoader(dataset, 1, num_workers=args.workers, pin_memory=device.type == "cuda")
 
     def save(index: int, prediction: torch.Tensor) -> None:
@@ -265,15 +264,25 @@ def run(args: argparse.Namespace) -> dict:
     dataset_name = config.get("dataset", "kitti")
     root = args.data_root or Path(config.get("data_root", "data/data_semantics"))
     args.out = args.out or args.checkpoint.parent / f"test_{args.images.stem if args.images else args.split}"
+    if (args.out / "last.pt").is_file() or (args.out / "best.pt").is_file():
+        raise UserError(f"--out {args.out} is a training run's folder, whose metrics.csv this evaluation would "
+                        f"replace; give another folder, e.g. {args.out / 'test'}")
+    check_writable(args.out)
     if args.images is not None and is_video(args.images):
         return predict_video(args, model, label_set, device)
-    writer = PredictionWriter(args.out, label_set, sys.maxsize if args.save_all else args.num_visuals)
-    if args.images is not None:
-        return predict_images(args, model, ImageList(list_images(args.images)), device, writer)
     split_dir = split_dir_for(args, state)
-    if args.split == "test" and not (split_dir and (split_dir / "test.txt").is_file()):  # no public test labels
-        return predict_images(args, model, ImageList(list_test_images(dataset_name, root)), device, writer)
-    return evaluate_split(args, model, state, label_set, device, writer, dataset_name, root)
+    if args.images is not None or (args.split == "test" and not (split_dir and (split_dir / "test.txt").is_file())):
+        # a folder, or a test split without public labels (KITTI's, Cityscapes'): predictions only
+        items = list_images(args.images) if args.images is not None else list_test_images(dataset_name, root)
+        return predict_images(args, model, ImageList(items), device, prediction_writer(args, label_set))
+    names = labelled_names(dataset_name, root, args.split, split_dir)
+    dataset = SegmentationDataset(dataset_name, root, names, label_set)
+    return evaluate_split(args, model, state, dataset, device, prediction_writer(args, label_set))
+
+
+def prediction_writer(args: argparse.Namespace, label_set: LabelSet) -> PredictionWriter:
+    """Made once the input is known to be readable, so that a refused evaluation writes nothing."""
+    return PredictionWriter(args.out, label_set, sys.maxsize if args.save_all else args.num_visuals)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{result['num_images']} {unit} at {result['images_per_second']:.1f} {unit}/s; outputs in {args.out}")
     except UserError as error:
         sys.exit(f"error: {error}")
+    except OSError as error:
+        sys.exit(f"error: {os_error_line(error)}")
 
 
 if __name__ == "__main__":

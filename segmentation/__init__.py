@@ -13,7 +13,23 @@
 Data flows one way, disk -> data -> model -> loss/metrics -> checkpoint/report; nothing here imports a command.
 """
 
+import errno
+
 _WORKER_MARKER = f"{__name__}.UserError: "
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "free space on that disk",
+    errno.EDQUOT: "free space within your disk quota",
+    errno.EACCES: "choose a folder you may write (or fix its permissions)",
+    errno.EPERM: "choose a folder you may write (or fix its permissions)",
+    errno.EROFS: "the file system is read-only: choose a folder on a writable one",
+    errno.ENOENT: "the folder is gone (moved or deleted?): restore it, or choose another",
+}
+
+
+def os_error_line(error: OSError) -> str:
+    """One line for a failed file operation: the path, the system's reason, and what to do."""
+    where = error.filename or "a file"
+    return f"{where}: {error.strerror or error}; {OS_ERROR_FIXES.get(error.errno, 'check the path and the disk')}"
 
 
 class UserError(Exception):

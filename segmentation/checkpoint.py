@@ -10,8 +10,10 @@ checkpoint holds just ``REQUIRED_KEYS``: enough for test.py, export.py and --ini
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shlex
 import shutil
 import threading
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 
 from labels import LabelSet, get_label_set
 from model import build_model
-from segmentation import UserError
+from segmentation import UserError, os_error_line
 
 REQUIRED_KEYS = ("model", "arch", "num_classes", "label_set")
 TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "rng_cpu", "history", "progress", "epoch", "best_miou",
@@ -39,7 +41,8 @@ def _fsync_directory(folder: Path) -> None:
 
 def save_checkpoint(state: dict, path: Path) -> None:
     """Write to a temporary file beside ``path``, flush it to disk, then rename: never a half-written file.
-    A failed write removes its temporary file."""
+    A failed write (a full disk, a folder gone or read-only) removes its temporary file, keeps the previous
+    ``path`` as it was, and is a UserError that says how to go on."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -48,9 +51,44 @@ def save_checkpoint(state: dict, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_directory(path.parent)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        raise UserError(f"{write_failure(error, path)}; {path.name} was not changed{resume_hint(path.parent)}") \
+            from None
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
+
+
+def write_failure(error: Exception, path: Path) -> str:
+    """What went wrong writing ``path``, and what to do: the system's reason where there is one."""
+    if not isinstance(error, OSError):
+        full = path.parent.is_dir() and shutil.disk_usage(path.parent).free < 2**26
+        error = OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC) if full else
+                        f"write failed: {str(error).strip().splitlines()[0][:120]}")
+    return os_error_line(OSError(error.errno, error.strerror, str(path)))
+
+
+def resume_hint(run_dir: Path) -> str:
+    last = run_dir / "last.pt"
+    if last.is_file():
+        return f"; then continue with: python main.py --resume {shlex.quote(str(last))}"
+    return "; then run again"
+
+
+def republish_best(run_dir: Path, state: dict) -> None:
+    """On resume: best.pt is published right after last.pt is written, so a run killed between the two left
+    best.pt an epoch behind when that last epoch was its best; publish it again from last.pt."""
+    scores = [row["val_mIoU"] for row in state["history"]]
+    best = run_dir / "best.pt"
+    if scores and 1 + scores.index(max(scores)) == state["epoch"] and \
+            (not best.is_file() or load_checkpoint(best)["epoch"] != state["epoch"]):
+        publish_copy(run_dir / "last.pt", best)
+
+
+def non_finite(model: torch.nn.Module | dict) -> str | None:
+    """The name of the first parameter or buffer (BatchNorm statistics included) holding NaN or inf, or None."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    return next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
 def publish_copy(source: Path, path: Path) -> None:
@@ -60,15 +98,20 @@ def publish_copy(source: Path, path: Path) -> None:
     ``path`` keeps this version. File systems without hard links get a copy.
     """
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
     try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_directory(path.parent)
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_directory(path.parent)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{write_failure(error, path)}; {path.name} was not changed{resume_hint(path.parent)}") \
+            from None
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -125,6 +168,10 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict,
     if state["num_classes"] != label_set.num_classes:
         raise UserError(f"{path}: {state['num_classes']} classes do not match label set {state['label_set']!r} "
                         f"({label_set.num_classes}); the checkpoint is inconsistent")
+    broken = non_finite(state["model"])
+    if broken:
+        raise UserError(f"{path}: {broken} holds NaN or infinite values, so every prediction would be meaningless; "
+                        "use a checkpoint of a run that trained without diverging (lower --lr)")
     model = build_model(state["arch"], state["num_classes"], pretrained=False)
     load_model_weights(model, state, path)
     return model.to(device, memory_format=torch.channels_last).eval(), state, label_set

@@ -32,7 +32,7 @@ from data_preprocessing import SegmentationDataset, default_cache_gb, image_size
 from labels import LabelSet
 from segmentation import UserError, runtime
 from segmentation.augmentation import DATASET_DEFAULTS, train_augmentation
-from segmentation.layouts import default_split_for, labelled_names, write_split
+from segmentation.layouts import default_split_for, labelled_names
 
 # Loader workers see the decoded cache copy-on-write only when forked. Python 3.14 made forkserver Linux's default,
 # which pickles the dataset, cache included, into every worker (docs/results.md). Other systems keep their default.
@@ -139,6 +139,7 @@ class RunData:
     sampler: SeededTrainSampler
     class_weights: torch.Tensor | None
     summary: str
+    split: dict[str, list[str]]
 
 
 class StartedEpoch:
@@ -158,11 +159,10 @@ class StartedEpoch:
         return self.iterator
 
 
-def run_split(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path,
-              resuming: bool) -> dict[str, list[str]]:
-    """The train/val names. A new run takes --split-dir's files or the dataset's default split and writes them
-    into the run folder; a resumed run reads them back from there, so a data folder that gained or lost files
-    cannot change it."""
+def run_split(args: argparse.Namespace, run_dir: Path, resuming: bool) -> dict[str, list[str]]:
+    """The train/val names. A new run takes --split-dir's files or the dataset's default split (main.py writes
+    them into the run folder); a resumed run reads them back from there, so a data folder that gained or lost
+    files cannot change it."""
     split_dir = run_dir if resuming else args.split_dir
     if split_dir is None:
         split = default_split_for(args.dataset, args.data_root)
@@ -172,8 +172,6 @@ def run_split(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path,
         if shared:
             raise UserError(f"{split_dir}: {', '.join(shared[:5])} in both train.txt and val.txt; validation would "
                             "score training images, so keep each name in one file")
-    if ctx.is_main and not resuming:
-        write_split(split, run_dir)
     return split
 
 
@@ -209,7 +207,7 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
                  state: dict | None = None) -> RunData:
     """Training loader (seeded sampler, augmentation) and validation loader (full images batched by size, each
     scored once over all ranks), labels as ``label_set``'s classes."""
-    split = run_split(args, ctx, run_dir, resuming=state is not None)
+    split = run_split(args, run_dir, resuming=state is not None)
     crop, base = crop_and_base_size(args)
     # each process holds its own cache: the default budget (half the free memory) is shared by a node's processes
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -239,4 +237,4 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
     if weights is not None:
         summary += f"\nclass weights ({args.class_weights}): " + " ".join(
             f"{name} {w:.2f}" for name, w in zip(label_set.class_names, weights.tolist()))
-    return RunData(train_loader, val_loader, sampler, weights, summary)
+    return RunData(train_loader, val_loader, sampler, weights, summary, split)

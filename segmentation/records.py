@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import csv
+import fcntl
+import os
+import shlex
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Iterator
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # a Figure made directly draws to files only: no GUI backend, no pyplot state
 
-from segmentation import UserError
+from segmentation import UserError, runtime
 from segmentation.engine import EpochProgress
 
+STARTUP_FILES = {".lock", "train.txt", "val.txt"}  # a new run's files before its first checkpoint
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
                   "val_seconds", "peak_gpu_mb")
 CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at the end): matplotlib is slow
@@ -26,17 +32,69 @@ def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float
             "val_mIoU": report["benchmark_mIoU"], "pixel_acc": report["pixel_acc"], "seconds": progress.seconds,
             "data_wait": progress.data_wait / max(progress.seconds, 1e-9), "val_seconds": val_seconds,
             "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0,
-            "class_iou": [round(float(iou), 6) for iou in report["iou"]]}  # NaN: the class is absent from val
+            "class_iou": [None if np.isnan(iou) else round(float(iou), 6) for iou in report["iou"]]}  # None: absent
 
 
-def make_run_dir(out: Path | None, arch: str) -> Path:
-    """A new run folder: ``out``, or runs/<arch>-<date>-<time>. An existing, non-empty one is never reused."""
+def plan_run_dir(out: Path | None, arch: str) -> Path:
+    """The folder a new run will write: ``out``, or runs/<arch>-<date>-<time>; checked, not made yet (a run that
+    is refused while it starts leaves nothing behind). An existing, non-empty one is never reused."""
     out = out or Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"run folder {out} already exists and is not empty; pass a new --out, "
-                        f"or --resume {out / 'last.pt'} to continue it")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or not started_only(out)):
+        refuse_taken(out)
+    check_writable(out)
     return out
+
+
+def started_only(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing, or only what a run writes before its first checkpoint (a run killed that
+    early left nothing to keep, so the same command may start again there)."""
+    return {p.name for p in folder.iterdir()} <= STARTUP_FILES
+
+
+def refuse_taken(out: Path) -> None:
+    if (out / "last.pt").is_file():
+        raise UserError(f"run folder {out} already exists and is not empty; pass a new --out, or --resume "
+                        f"{shlex.quote(str(out / 'last.pt'))} to continue it")
+    raise UserError(f"run folder {out} already exists and is not empty, and holds no checkpoint; pass a new --out "
+                    "(or delete the folder, if it is a run that stopped before its first epoch ended)")
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse, before any work, a folder that cannot be made or written: the first existing ancestor must be
+    writable (``os.access`` says so for a read-only file system too)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {folder}: {existing} is not a folder this user may write; choose another "
+                        "--out, or fix its permissions")
+
+
+@contextmanager
+def claimed_run_dir(ctx: runtime.Context, folder: Path, new: bool) -> Iterator[None]:
+    """Within the block, rank 0 holds ``folder``'s lock (``claim_run_dir``); it is released however the block
+    ends."""
+    lock = runtime.on_main_rank(ctx, lambda: claim_run_dir(folder, new), share=False)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def claim_run_dir(folder: Path, new: bool) -> IO:
+    """Make ``folder`` and hold its lock for as long as the returned file stays open (the process's life): a second
+    main.py given the same folder at the same moment, or resuming a run that is still training, is refused."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = open(folder / ".lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"run folder {folder} is in use by another main.py; wait for it to end, or pass another "
+                        "--out") from None
+    if new and not started_only(folder):  # another process claimed it first
+        lock.close()
+        refuse_taken(folder)
+    return lock
 
 
 class HistoryWriter:

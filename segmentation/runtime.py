@@ -81,18 +81,19 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def on_main_rank(ctx: Context, make: Callable[[], T]) -> T:
-    """``make()`` run by rank 0 alone, its result given to every rank; its UserError is raised on every rank."""
+def on_main_rank(ctx: Context, make: Callable[[], T], share: bool = True) -> T | None:
+    """``make()`` run by rank 0 alone; its UserError is raised on every rank. Its result is given to every rank
+    (``share``), or kept by rank 0 (the others get None)."""
     outcome = None
     if ctx.is_main:
         try:
             outcome = make()
         except UserError as error:
             outcome = error
-    outcome = broadcast_object(outcome)
-    if isinstance(outcome, UserError):
-        raise outcome
-    return outcome
+    shared = broadcast_object(outcome if share or isinstance(outcome, UserError) else None)
+    if isinstance(shared, UserError):
+        raise shared
+    return outcome if ctx.is_main else shared
 
 
 def cleanup() -> None:

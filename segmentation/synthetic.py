@@ -119,10 +119,18 @@ def make_scene(seed: int, index: int, size: tuple[int, int] | None = None) -> tu
     return canvas.finish(), canvas.label
 
 
+def refuse_non_empty(root: Path) -> Path:
+    """Synthetic scenes never land among a user's files (or a real dataset's, whose names they share)."""
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise UserError(f"{root} already holds files; write synthetic scenes into a new or empty folder")
+    return root
+
+
 def write_synthetic_kitti(root: str | Path, num_train: int, num_test: int = 0, seed: int = 0,
                           size: tuple[int, int] | None = None) -> Path:
-    """Write ``num_train`` labelled and ``num_test`` unlabelled scenes in the KITTI layout under ``root``."""
-    root = Path(root)
+    """Write ``num_train`` labelled and ``num_test`` unlabelled scenes in the KITTI layout under ``root``, which
+    must be new or empty."""
+    root = refuse_non_empty(Path(root))
     dirs = {d: root / d for d in ("training/image_2", "training/semantic", "training/semantic_rgb",
                                   "testing/image_2")}
     for d in dirs.values():
@@ -152,9 +160,10 @@ def write_synthetic_cityscapes(root: str | Path, num_train: int, num_val: int = 
     The instanceIds files are there because the official evaluation script reads them (for iIoU).
 
     ``size`` defaults to ``CITYSCAPES_SIZE``, half the real frame.
-    Every scene of a tree is distinct: scene ``index`` counts on across train, val and test.
+    Every scene of a tree is distinct: scene ``index`` counts on across train, val and test. ``root`` must be new
+    or empty.
     """
-    root = Path(root)
+    root = refuse_non_empty(Path(root))
     first = 0
     for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
         cities = CITYSCAPES_CITIES[split]

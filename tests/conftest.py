@@ -23,6 +23,15 @@ def writable_tree(tmp_path, synthetic_root) -> Path:
     return Path(shutil.copytree(synthetic_root, tmp_path / "tree"))
 
 
+def one_line_error(entry_point, argv) -> str:
+    """Run a command's main(argv), which must exit with one line "error: ..." (status 1, no traceback)."""
+    with pytest.raises(SystemExit) as stop:
+        entry_point(argv)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
 def train_argv(data_root: Path, out: Path, *extra: str) -> list[str]:
     """main.py flags for a tiny, fast CPU run on a synthetic tree."""
     return ["--no-pretrained", "--device", "cpu", "--epochs", "2", "--batch-size", "2", "--crop-size", "64",

@@ -1,9 +1,10 @@
-"""checkpoint.py and checkpoint_writer.py: atomic writes, published copies, and the background writer."""
+"""segmentation/checkpoint.py: atomic writes, published copies, the background writer, failed writes."""
 import threading
 
 import pytest
 import torch
 
+from segmentation import UserError
 from segmentation.checkpoint import CheckpointWriter, publish_copy, save_checkpoint
 
 
@@ -13,7 +14,8 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file_and_no_temporary_fil
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="last.pt: No space left on device; free space on that disk; last.pt was "
+                                        "not changed; then continue with: python main.py --resume"):
         save_checkpoint({"a": torch.ones(2)}, tmp_path / "last.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     assert torch.equal(torch.load(tmp_path / "last.pt")["a"], torch.zeros(2))
@@ -48,7 +50,7 @@ def test_a_failed_background_write_is_raised_by_the_next_wait(tmp_path, monkeypa
         return real_save(*args, **kwargs)
     monkeypatch.setattr(torch, "save", disk_full)
     writer.submit({"epoch": 1}, tmp_path / "last.pt")
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(UserError, match="No space left on device; free space on that disk"):
         writer.wait()
     assert not any(tmp_path.iterdir())
 

@@ -17,7 +17,7 @@ from labels import get_label_set
 from model import build_model
 from segmentation import UserError, runtime
 from segmentation.engine import parameter_groups, warmup_poly
-from segmentation.records import HISTORY_FIELDS, make_run_dir
+from segmentation.records import HISTORY_FIELDS, plan_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -226,7 +226,7 @@ def run_dir_on_two_ranks(rank: int, port: int, cwd: Path, out, results: Path) ->
     args = main.parse_args(["--arch", "fcn32"] + (["--out", str(out)] if out else []))
     try:
         ctx = runtime.Context(rank, 2, torch.device("cpu"))
-        outcome = str(runtime.on_main_rank(ctx, lambda: make_run_dir(args.out, args.arch)))
+        outcome = str(runtime.on_main_rank(ctx, lambda: plan_run_dir(args.out, args.arch)))
     except UserError as error:
         outcome = f"UserError: {error}"
     (results / f"rank{rank}.txt").write_text(outcome)
@@ -248,7 +248,7 @@ def test_every_ddp_rank_gets_rank_0s_run_folder_or_its_error(tmp_path, existing)
     if existing:
         assert rank0.startswith("UserError: run folder") and "already exists" in rank0
     else:
-        assert rank0.startswith("runs/fcn32-") and (tmp_path / rank0).is_dir()
+        assert rank0.startswith("runs/fcn32-") and not (tmp_path / rank0).exists()  # made once all is checked
 
 
 def test_weight_decay_applies_to_convolution_weights_only():

@@ -4,18 +4,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import train_argv
+from conftest import one_line_error, train_argv
 
 import main
 import test as evaluation
-
-
-def one_line_error(entry_point, argv) -> str:
-    with pytest.raises(SystemExit) as stop:
-        entry_point(argv)
-    message = str(stop.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
 
 
 @pytest.mark.parametrize("flag,value,expected", [("--lr", "-1", "LR = -1.0 (--lr) is not valid"),
@@ -141,3 +133,51 @@ def test_two_images_of_the_same_name_are_refused_before_one_overwrites_the_other
     message = one_line_error(evaluation.main, ["--checkpoint", str(trained_run / "last.pt"), "--images", str(tmp_path),
                                                "--device", "cpu"])
     assert "a.jpg, a.png share a name" in message
+
+
+def mistaken_inputs(root, run, tmp):
+    """(command, argv, what the line says): each a mistake a new user makes, across every entry point."""
+    import data_preprocessing
+    import export
+    (tmp / "not_a_folder.txt").write_text("x")
+    (tmp / "bad.csv").write_text("id;label\n1;car\n")
+    (tmp / "weights.pt").write_text("not weights")
+    (tmp / "empty").mkdir()
+    (tmp / "model.onnx").write_text("a deployed model")
+    checkpoint = str(run / "best.pt")
+    return [
+        (main.main, train_argv(root, tmp / "not_a_folder.txt" / "run"), "is not a folder this user may write"),
+        (main.main, train_argv(root, tmp / "out", "--label-set", str(tmp / "no.csv")), "use train, full, or a CSV"),
+        (main.main, train_argv(root, tmp / "out", "--label-set", str(tmp / "bad.csv")), "bad.csv: not a class table"),
+        (main.main, train_argv(tmp / "nowhere", tmp / "out"), "does not exist"),
+        (main.main, train_argv(root, tmp / "out", "--init-from", str(tmp / "missing.pt")), "missing.pt does not exist"),
+        (main.main, train_argv(root, tmp / "out", "--backbone-weights", str(tmp / "weights.pt")),
+         "weights.pt: cannot load ResNet18 weights"),
+        (main.main, train_argv(root, tmp / "out", "--split-dir", str(tmp / "empty")), "train.txt is missing"),
+        (main.main, train_argv(root, tmp / "out", "--class-weights", "inverse"), "CLASS_WEIGHTS = 'inverse'"),
+        (main.main, train_argv(root, tmp / "out", "--dataset", "coco"), "DATASET = 'coco' (--dataset) is not valid"),
+        (main.main, train_argv(root, tmp / "out", "--momentum", "1.5"), "MOMENTUM = 1.5 (--momentum)"),
+        (main.main, train_argv(root, tmp / "out", "--cache-gb", "-1"), "CACHE_GB = -1.0 (--cache-gb)"),
+        (main.main, train_argv(root, tmp / "out", "--lr", "fast"), "LR = 'fast' (--lr) is not valid"),
+        (evaluation.main, ["--checkpoint", checkpoint, "--images", str(tmp / "photos")], "is not a folder of images"),
+        (evaluation.main, ["--checkpoint", str(tmp / "empty")], "does not exist"),
+        (evaluation.main, ["--checkpoint", checkpoint, "--scales", "0"], "--scales 0.0 is not valid"),
+        (export.main, ["--checkpoint", str(tmp / "missing.pt")], "missing.pt does not exist"),
+        (export.main, ["--checkpoint", checkpoint, "--out", str(tmp / "empty")], "is a folder"),
+        (export.main, ["--checkpoint", checkpoint, "--out", str(tmp / "model.onnx")], "already exists; pass --force"),
+        (data_preprocessing.main, ["--check", str(tmp / "nowhere")], "does not exist"),
+        (data_preprocessing.main, ["--colour-labels", str(tmp / "empty"), str(tmp / "labels")], "holds no PNG files"),
+        (data_preprocessing.main, ["--check", str(root), "--label-set", str(tmp / "bad.csv")], "not a class table"),
+    ]
+
+
+def test_every_mistaken_input_is_one_line_and_writes_nothing(synthetic_root, trained_run, tmp_path):
+    cases = mistaken_inputs(synthetic_root, trained_run, tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    run_files = {p.name: p.stat().st_mtime_ns for p in trained_run.iterdir()}
+    for entry_point, argv, expected in cases:
+        message = one_line_error(entry_point, argv)
+        assert expected in message, (argv, message)
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, argv
+    assert {p.name: p.stat().st_mtime_ns for p in trained_run.iterdir()} == run_files
+    assert len(cases) >= 21
