@@ -243,25 +243,15 @@ def load_resume_state(args: argparse.Namespace) -> tuple[argparse.Namespace, dic
 def train(args: argparse.Namespace) -> Path:
     """The recipe: settings, data, model, optimiser and schedule, resume, then the epochs. Returns the run folder;
     an interrupted run exits with status 130 once last.pt holds its state."""
-    # 0. settings (a resumed run's come from its checkpoint), processes, seeds, the run folder
+    # 0. settings (a resumed run's come from its checkpoint), processes and seeds, the run folder (planned, not made)
     check_args(args)
     args, state = load_resume_state(args)
-    ctx = runtime.setup(args.device)
-    if state is not None and state.get("world_size", 1) != ctx.world_size:
-        raise UserError(f"{args.resume}: the run trained with {state.get('world_size', 1)} process(es), this resume "
-                        f"has {ctx.world_size}; steps per epoch and the schedule depend on it, so resume with "
-                        f"torchrun --nproc_per_node={state.get('world_size', 1)} (or start a new run with --init-from)")
-    torch.manual_seed(args.seed)
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it before its first matmul
-    torch.use_deterministic_algorithms(args.deterministic)  # an op with no deterministic kernel raises
-    torch.backends.cudnn.benchmark = ctx.device.type == "cuda" and not args.deterministic
+    ctx = set_up_processes(args, state)
     if args.download and ctx.is_main and state is None:
         download_kitti(args.data_root)
     run_dir = args.resume.parent if state else runtime.on_main_rank(ctx, lambda: plan_run_dir(args.out, args.arch))
 
-    # 1. data: the classes (a resumed run's own table), the split (kept in the run folder), the loaders, the loss's
-    #    class weights
+    # 1. data: the classes (a resumed run's own table), the split, the loaders, the loss's class weights
     label_set = label_set_of(state) if state else get_label_set(args.label_set)
     data = make_loaders(args, ctx, run_dir, label_set, state)
     class_weights = None if data.class_weights is None else data.class_weights.to(ctx.device)
@@ -303,9 +293,8 @@ def train(args: argparse.Namespace) -> Path:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "progress": vars(progress), "best_miou": best_miou,
                 "arch": args.arch, "num_classes": label_set.num_classes, "label_set": str(args.label_set),
-                "label_table": label_set.to_dict(),
-                "world_size": ctx.world_size, "class_weights": data.class_weights, "config": config_of(args),
-                "history": history, "rng_cpu": torch.get_rng_state()}
+                "label_table": label_set.to_dict(), "world_size": ctx.world_size, "class_weights": data.class_weights,
+                "config": config_of(args), "history": history, "rng_cpu": torch.get_rng_state()}
 
     # 5. epochs: train, validate on full images, then (rank 0) metrics.csv, last.pt and best.pt, the log line
     checkpoints, history_writer, stopped = CheckpointWriter(), HistoryWriter(run_dir, label_set.class_names), None
@@ -369,6 +358,21 @@ def train(args: argparse.Namespace) -> Path:
     if stopped:
         raise SystemExit(130)
     return run_dir
+
+
+def set_up_processes(args: argparse.Namespace, state: dict | None) -> runtime.Context:
+    """This process's device and place among the DDP processes, its seed, and --deterministic's kernels."""
+    ctx = runtime.setup(args.device)
+    if state is not None and state.get("world_size", 1) != ctx.world_size:
+        raise UserError(f"{args.resume}: the run trained with {state.get('world_size', 1)} process(es), this resume "
+                        f"has {ctx.world_size}; steps per epoch and the schedule depend on it, so resume with "
+                        f"torchrun --nproc_per_node={state.get('world_size', 1)} (or start a new run with --init-from)")
+    torch.manual_seed(args.seed)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it before its first matmul
+    torch.use_deterministic_algorithms(args.deterministic)  # an op with no deterministic kernel raises
+    torch.backends.cudnn.benchmark = ctx.device.type == "cuda" and not args.deterministic
+    return ctx
 
 
 def make_model(args: argparse.Namespace, ctx: runtime.Context, label_set: LabelSet,

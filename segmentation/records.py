@@ -18,7 +18,7 @@ from matplotlib.figure import Figure  # a Figure made directly draws to files on
 from segmentation import UserError, runtime
 from segmentation.engine import EpochProgress
 
-STARTUP_FILES = {".lock", "train.txt", "val.txt"}  # a new run's files before its first checkpoint
+STARTUP_FILES = {".lock", "train.txt", "val.txt", "metrics.csv", "class_iou.csv", "curves.png"}  # all but checkpoints
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
                   "val_seconds", "peak_gpu_mb")
 CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at the end): matplotlib is slow
@@ -46,9 +46,11 @@ def plan_run_dir(out: Path | None, arch: str) -> Path:
 
 
 def started_only(folder: Path) -> bool:
-    """Whether ``folder`` holds nothing, or only what a run writes before its first checkpoint (a run killed that
-    early left nothing to keep, so the same command may start again there)."""
-    return {p.name for p in folder.iterdir()} <= STARTUP_FILES
+    """Whether ``folder`` holds nothing, or only what a run writes besides checkpoints, and no last.pt: a run
+    killed before its first checkpoint landed (even while writing it: a hidden .tmp file) left nothing to keep,
+    so the same command may start again there."""
+    names = {p.name for p in folder.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))}
+    return names <= STARTUP_FILES
 
 
 def refuse_taken(out: Path) -> None:
