@@ -35,11 +35,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 # --- KITTI: names are file stems, paths follow from them ---------------------------------------------------
-def list_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> dict[str, Path]:
+def list_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, fix: str = LAYOUT_HELP) -> dict[str, Path]:
     """{stem: path} of the files in ``folder`` with one of ``suffixes``. Other files are named in a warning, never
-    dropped in silence; two files of one stem (a.png and a.jpg) are refused."""
+    dropped in silence; two files of one stem (a.png and a.jpg) are refused. ``fix`` ends each error line."""
     if not folder.is_dir():
-        raise UserError(f"{folder} is missing: {LAYOUT_HELP}")
+        raise UserError(f"{folder} is missing: {fix}")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     kept = [p for p in files if p.suffix.lower() in suffixes]
     skipped = [p.name for p in files if p.suffix.lower() not in suffixes]
@@ -47,11 +47,11 @@ def list_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> dict
         logging.getLogger(__name__).warning(f"warning: {folder}: skipped {len(skipped)} file(s) that are not "
                                             f"{'/'.join(suffixes)}: {', '.join(skipped[:5])}")
     if not kept:
-        raise UserError(f"{folder} holds no {'/'.join(suffixes)} files: {LAYOUT_HELP}")
+        raise UserError(f"{folder} holds no {'/'.join(suffixes)} files: {fix}")
     stems = [p.stem for p in kept]
     clashing = sorted({p.name for p in kept if stems.count(p.stem) > 1})
     if clashing:
-        raise UserError(f"{folder}: {', '.join(clashing[:4])} share a name; keep one file a name")
+        raise UserError(f"{folder}: {', '.join(clashing[:4])} share a name; keep one file a name: {fix}")
     return {p.stem: p for p in kept}
 
 
@@ -231,11 +231,5 @@ def list_images(folder: Path) -> list[tuple[str, Path]]:
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of images or a video file; pass --images with a folder of "
                         "PNG/JPEG files or a video")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise UserError(f"{folder} holds no PNG or JPEG files; pass --images with a folder of images or a video")
-    stems = [p.stem for p in files]
-    clashing = sorted({p.name for p in files if stems.count(p.stem) > 1})
-    if clashing:  # their predictions would be written to the same <stem>.png
-        raise UserError(f"{folder}: {', '.join(clashing[:4])} share a name; rename or move one of each")
-    return [(p.stem, p) for p in files]
+    # files of one stem are refused: their predictions would be written to the same <stem>.png
+    return sorted(list_files(folder, fix="pass --images with a folder of PNG/JPEG images or a video").items())
