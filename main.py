@@ -10,19 +10,17 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from data_preprocessing import download_kitti
-from labels import LABEL_SETS, LabelSet, get_label_set
+from labels import LabelSet, get_label_set
 from model import ARCHS, build_model, count_parameters
 from segmentation import UserError, os_error_line, runtime
 from segmentation.checkpoint import (
@@ -32,7 +30,6 @@ from segmentation.checkpoint import (
     load_checkpoint,
     non_finite,
     republish_best,
-    require_training_state,
     restore,
     save_checkpoint,
 )
@@ -50,6 +47,7 @@ from segmentation.layouts import DATASETS, write_split
 from segmentation.loading import WEIGHTINGS, StartedEpoch, make_loaders
 from segmentation.metrics import evaluation_report
 from segmentation.records import HistoryWriter, claimed_run_dir, epoch_line, epoch_record, plan_run_dir
+from segmentation.settings import check_args, load_resume_state, quoted, readable
 
 # ---- Hyperparameters: edit here, or override with the flag of the same name (--batch-size for BATCH_SIZE) ----
 ARCH = "fcn16"                   # fcn32 | fcn16 | fcn8
@@ -75,19 +73,6 @@ PRETRAINED = True                # ImageNet ResNet18 trunk (downloaded once, or 
 CACHE_GB = None                  # keep decoded images in memory up to this size; None: half the free memory; 0: off
 LOG_EVERY = 10                   # steps between loss read-backs / progress lines
 # ------------------------------------------------------------------------------------------------------------
-
-RESUMABLE_FLAGS = {"resume", "device", "workers", "data_root", "deterministic"}  # where and how it runs, not what
-
-
-def readable(kind: type) -> Callable[[str], object]:
-    """A flag's type that keeps text it cannot read as ``kind``: ``check_args`` then names the value in one line,
-    as it does for the block's constants (argparse would print its usage instead)."""
-    def convert(text: str) -> object:
-        try:
-            return kind(text)
-        except ValueError:
-            return text
-    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,105 +132,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def whole(value: object, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# what each setting accepts: (test, what to write instead); the block's constant is the flag's name in capitals
-ACCEPTS = {
-    "arch": (lambda v: v in ARCHS, " | ".join(ARCHS)),
-    "dataset": (lambda v: v in DATASETS, " | ".join(DATASETS)),
-    "epochs": (lambda v: whole(v, 1), "a whole number, at least 1"),
-    "batch_size": (lambda v: whole(v, 1), "a whole number, at least 1"),
-    "crop_size": (lambda v: v is None or (len(v) == 2 and all(whole(x, 32) for x in v)),
-                  "None, H or (H, W): whole numbers of pixels, each at least 32"),
-    "base_size": (lambda v: v is None or whole(v, 32), "None or a whole number of pixels, at least 32"),
-    "lr": (lambda v: real(v) and v > 0, "a positive learning rate, e.g. 0.01"),
-    "momentum": (lambda v: real(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.9"),
-    "weight_decay": (lambda v: real(v) and v >= 0, "0 or more, e.g. 1e-4"),
-    "warmup_epochs": (lambda v: real(v) and v >= 0, "0 or more epochs, e.g. 1"),
-    "poly_power": (lambda v: real(v) and v >= 0, "0 or more, e.g. 0.9"),
-    "label_set": (lambda v: v in LABEL_SETS or (isinstance(v, (str, Path)) and str(v).endswith(".csv")),
-                  "train | full | a class table file, e.g. \"data/camvid/camvid.csv\""),
-    "class_weights": (lambda v: v in WEIGHTINGS, " | ".join(WEIGHTINGS)),
-    "data_root": (lambda v: isinstance(v, Path), "a folder, e.g. \"data/data_semantics\""),
-    "out": (lambda v: v is None or isinstance(v, Path), "None or a folder, e.g. \"runs/fcn16-a\""),
-    "seed": (lambda v: whole(v, 0), "a whole number, 0 or more"),
-    "amp": (lambda v: isinstance(v, bool), "True or False"),
-    "deterministic": (lambda v: isinstance(v, bool), "True or False"),
-    "workers": (lambda v: v == "auto" or whole(v, 0), "auto or a whole number, 0 or more"),
-    "pretrained": (lambda v: isinstance(v, bool), "True or False"),
-    "cache_gb": (lambda v: v is None or (real(v) and v >= 0), "None, 0 (off) or a size in GB"),
-    "log_every": (lambda v: whole(v, 1), "a whole number, at least 1"),
-}
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Take each setting in the forms the block's comments promise (``CROP_SIZE = 320`` or ``(320, 640)``, a
-    folder as text, ``WORKERS = 4``) and refuse a meaningless one up front, in one line naming the constant."""
-    if isinstance(args.crop_size, int) and not isinstance(args.crop_size, bool):
-        args.crop_size = (args.crop_size, args.crop_size)
-    elif isinstance(args.crop_size, (list, tuple)) and len(args.crop_size) in (1, 2):
-        args.crop_size = (args.crop_size[0], args.crop_size[-1])
-    for name in ("data_root", "out"):
-        if isinstance(getattr(args, name), str):
-            setattr(args, name, Path(getattr(args, name)))
-    for name, (accepts, expected) in ACCEPTS.items():
-        value = getattr(args, name)
-        if not accepts(value):
-            shown = f"({', '.join(map(str, value))})" if isinstance(value, tuple) else repr(value)
-            raise UserError(f"{name.upper()} = {shown} (--{name.replace('_', '-')}) is not valid: use {expected}")
-    if args.resume and args.init_from:
-        raise UserError("--resume and --init-from exclude each other: --resume continues a run, --init-from starts one")
-
-
-def args_from_checkpoint(state: dict, cli: argparse.Namespace) -> argparse.Namespace:
-    """The resumed run's config. Only where it runs may change (device, workers, data folder); any flag that
-    would change the run itself is refused rather than silently ignored."""
-    changed = sorted(set(cli.explicit) - RESUMABLE_FLAGS)
-    if changed:
-        flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
-        raise UserError(f"--resume continues {cli.resume} exactly as it was configured, so {flags} cannot change; "
-                        f"to train on with other settings start a new run with --init-from {quoted(cli.resume)}")
-    args = argparse.Namespace(**{**vars(build_parser().parse_args([])), **state["config"]})
-    for key in ("data_root", "split_dir", "out", "init_from"):
-        setattr(args, key, Path(getattr(args, key)) if getattr(args, key) else None)
-    for key in RESUMABLE_FLAGS & set(cli.explicit):
-        setattr(args, key, getattr(cli, key))
-    args.resume, args.explicit = cli.resume, cli.explicit
-    return args
-
-
-def load_resume_state(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
-    """The run's config and state when --resume is given, checked before anything starts."""
-    if not args.resume:
-        args.device = args.device or "auto"
-        return args, None
-    last = args.resume.parent / "last.pt"
-    if last.is_file() and args.resume.resolve() != last.resolve():  # e.g. best.pt: it would rewind the run
-        raise UserError(f"{args.resume}: a run continues from its last.pt, so resume with --resume {quoted(last)}; "
-                        f"to start a new run from this checkpoint's weights, use --init-from {quoted(args.resume)}")
-    state = load_checkpoint(args.resume)
-    require_training_state(state, args.resume)
-    args = args_from_checkpoint(state, args)
-    check_args(args)
-    if state["epoch"] >= args.epochs:
-        raise UserError(f"{args.resume}: the run already finished its {args.epochs} epochs; evaluate it with "
-                        f"python test.py --checkpoint {quoted(args.resume.parent / 'best.pt')}, or train on with a "
-                        f"new run: --init-from {quoted(args.resume)} --epochs N")
-    return args, state
-
-
 def train(args: argparse.Namespace) -> Path:
     """The recipe: settings, data, model, optimiser and schedule, resume, then the epochs. Returns the run folder;
     an interrupted run exits with status 130 once last.pt holds its state."""
     # 0. settings (a resumed run's come from its checkpoint), processes and seeds, the run folder (planned, not made)
     check_args(args)
-    args, state = load_resume_state(args)
+    args, state = load_resume_state(args, defaults=build_parser().parse_args([]))
     ctx = set_up_processes(args, state)
     if args.download and ctx.is_main and state is None:
         download_kitti(args.data_root)
@@ -410,11 +302,6 @@ def describe(args, model, label_set, data_summary: str, ctx: runtime.Context, ru
 
 def config_of(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "explicit"}
-
-
-def quoted(path: Path) -> str:
-    """``path`` as a shell word, so that a printed command can be pasted even when the path holds spaces."""
-    return shlex.quote(str(path))
 
 
 def demo_args(args: argparse.Namespace) -> argparse.Namespace:

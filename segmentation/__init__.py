@@ -8,6 +8,7 @@
     checkpoint    atomic (background) saving, safe loading, models and weights from checkpoints
     records       what a run leaves in its folder besides checkpoints: metrics.csv, curves, confusion
     runtime       where a run executes: device, DDP processes, loader workers, Ctrl-C / SIGTERM
+    settings      main.py's settings: what each accepts, and what --resume lets change
     synthetic     procedurally drawn street scenes in KITTI's or Cityscapes' layout
 
 Data flows one way, disk -> data -> model -> loss/metrics -> checkpoint/report; nothing here imports a command.

@@ -8,6 +8,7 @@ from conftest import one_line_error, train_argv
 
 import main
 import test as evaluation
+from segmentation import settings
 
 
 @pytest.mark.parametrize("flag,value,expected", [("--lr", "-1", "LR = -1.0 (--lr) is not valid"),
@@ -34,7 +35,8 @@ def test_resume_with_a_flag_that_would_change_the_run_names_the_flag(trained_run
 def test_resume_may_turn_deterministic_on_and_off(trained_run, flag, value):
     state = torch.load(trained_run / "last.pt", weights_only=True)
     state["config"].update(deterministic=not value)
-    args = main.args_from_checkpoint(state, main.parse_args(["--resume", str(trained_run / "last.pt"), flag]))
+    cli = main.parse_args(["--resume", str(trained_run / "last.pt"), flag])
+    args = settings.args_from_checkpoint(state, cli, defaults=main.parse_args([]))
     assert getattr(args, flag.removeprefix("--").removeprefix("no-")) is value
 
 
