@@ -6,6 +6,7 @@ import csv
 import fcntl
 import os
 import shlex
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from matplotlib.figure import Figure  # a Figure made directly draws to files only: no GUI backend, no pyplot state
 
 from segmentation import UserError, runtime
+from segmentation.checkpoint import write_failure
 from segmentation.engine import EpochProgress
 
 STARTUP_FILES = {".lock", "train.txt", "val.txt", "metrics.csv", "class_iou.csv", "curves.png"}  # all but checkpoints
@@ -102,24 +104,33 @@ def claim_run_dir(folder: Path, new: bool) -> IO:
 class HistoryWriter:
     """metrics.csv and class_iou.csv (each class's validation IoU, so that a class that collapses shows early) every
     epoch, curves.png at most every CURVES_EVERY_SECONDS and at the end; all rewritten from the checkpoint's
-    history, so a resume never duplicates rows."""
+    history, so a resume never duplicates rows. A failed write (a full disk) is a warning, not the run's end:
+    the files are records of what the checkpoints hold, and a failed checkpoint write stops the run itself."""
 
     def __init__(self, run_dir: Path, class_names: tuple[str, ...]):
         self.run_dir, self.class_names, self.last_plot = run_dir, class_names, 0.0
 
     def write(self, history: list[dict], final: bool = False) -> None:
         iou_rows = [{"epoch": row["epoch"], **dict(zip(self.class_names, row.get("class_iou", [])))} for row in history]
-        for name, fields, rows in (("metrics.csv", HISTORY_FIELDS, history),
-                                   ("class_iou.csv", ("epoch", *self.class_names), iou_rows)):
-            tmp = self.run_dir / f".{name}.tmp"
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fields, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
-            tmp.replace(self.run_dir / name)
-        if history and (final or time.monotonic() - self.last_plot > CURVES_EVERY_SECONDS):
-            plot_curves(history, self.run_dir / "curves.png")
-            self.last_plot = time.monotonic()
+        path = self.run_dir / "metrics.csv"
+        try:
+            for name, fields, rows in (("metrics.csv", HISTORY_FIELDS, history),
+                                       ("class_iou.csv", ("epoch", *self.class_names), iou_rows)):
+                path, tmp = self.run_dir / name, self.run_dir / f".{name}.tmp"
+                with open(tmp, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fields, extrasaction="ignore")
+                    writer.writeheader()
+                    writer.writerows(rows)
+                tmp.replace(path)
+            if history and (final or time.monotonic() - self.last_plot > CURVES_EVERY_SECONDS):
+                path = self.run_dir / "curves.png"
+                plot_curves(history, path)
+                self.last_plot = time.monotonic()
+        except OSError as error:  # a record, not the run's state: each write is whole, from the checkpoint's history
+            for name in ("metrics.csv", "class_iou.csv"):
+                (self.run_dir / f".{name}.tmp").unlink(missing_ok=True)
+            print(f"warning: {write_failure(error, path)}; the run goes on: {path.name} is rewritten whole after "
+                  "every epoch, and last.pt's history holds the same figures", file=sys.stderr, flush=True)
 
 
 def epoch_line(row: dict, epochs: int, is_best: bool) -> str:

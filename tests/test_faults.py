@@ -1,5 +1,7 @@
 """Faults and folders: a full disk, a refused start, a folder that is not writable, a wrong weights file, a run
 that diverges, two runs in one folder, and SIGKILL at random moments. Each ends in one line and loses nothing."""
+import csv
+import errno
 import os
 import random
 import signal
@@ -16,6 +18,7 @@ from conftest import one_line_error, train_argv
 from torchvision.models import resnet34
 
 import main
+from segmentation import records
 from segmentation.checkpoint import load_checkpoint, non_finite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +45,30 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_resume_finishes_
     assert load_checkpoint(run / "last.pt")["epoch"] == 1 and not list(run.glob(".*.tmp"))
     monkeypatch.setattr(torch, "save", real_save)  # space freed
     main.main(["--resume", str(run / "last.pt")])
+    for key, value in weights(trained_run / "last.pt").items():
+        assert torch.equal(weights(run / "last.pt")[key], value), key
+
+
+def test_a_full_disk_while_writing_metrics_is_one_warning_and_the_run_goes_on_to_whole_records(
+        synthetic_root, trained_run, tmp_path, monkeypatch, capsys):
+    real_open, failed = open, []
+
+    def fills_the_disk_on_the_first_metrics_csv(file, *args, **kwargs):
+        if str(file).endswith(".metrics.csv.tmp") and not failed:
+            failed.append(file)
+            with real_open(file, "w") as partial:  # a half-written file, as a full disk leaves it
+                partial.write("epoch,lr")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(records, "open", fills_the_disk_on_the_first_metrics_csv, raising=False)
+    run = tmp_path / "run"
+    main.main(train_argv(synthetic_root, run, "--arch", "fcn16"))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(failed) == 1 and len(warnings) == 1
+    assert "No space left on device; free space on that disk; the run goes on" in warnings[0]
+    assert [row["epoch"] for row in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2"]
+    assert [row["epoch"] for row in csv.DictReader(open(run / "class_iou.csv"))] == ["1", "2"]
+    assert not list(run.glob(".*.tmp"))
     for key, value in weights(trained_run / "last.pt").items():
         assert torch.equal(weights(run / "last.pt")[key], value), key
 
