@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from data_preprocessing import download_kitti
 from labels import LabelSet, get_label_set
 from model import ARCHS, build_model, count_parameters
-from segmentation import UserError, os_error_line, runtime
+from segmentation import UserError, os_error_line, quoted, runtime
 from segmentation.checkpoint import (
     CheckpointWriter,
     initialise_from,
@@ -47,7 +47,7 @@ from segmentation.layouts import DATASETS, write_split
 from segmentation.loading import WEIGHTINGS, StartedEpoch, make_loaders
 from segmentation.metrics import evaluation_report
 from segmentation.records import HistoryWriter, claimed_run_dir, epoch_line, epoch_record, plan_run_dir
-from segmentation.settings import check_args, load_resume_state, quoted, readable
+from segmentation.settings import check_args, load_resume_state, readable
 
 # ---- Hyperparameters: edit here, or override with the flag of the same name (--batch-size for BATCH_SIZE) ----
 ARCH = "fcn16"                   # fcn32 | fcn16 | fcn8

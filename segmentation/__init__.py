@@ -15,6 +15,8 @@ Data flows one way, disk -> data -> model -> loss/metrics -> checkpoint/report; 
 """
 
 import errno
+import shlex
+from pathlib import Path
 
 _WORKER_MARKER = f"{__name__}.UserError: "
 OS_ERROR_FIXES = {
@@ -25,6 +27,11 @@ OS_ERROR_FIXES = {
     errno.EROFS: "the file system is read-only: choose a folder on a writable one",
     errno.ENOENT: "the folder is gone (moved or deleted?): restore it, or choose another",
 }
+
+
+def quoted(path: Path) -> str:
+    """``path`` as a shell word, so that a printed command can be pasted even when the path holds spaces."""
+    return shlex.quote(str(path))
 
 
 def os_error_line(error: OSError) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import pickle
-import shlex
 import shutil
 import threading
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 from labels import LabelSet, get_label_set
 from model import build_model
-from segmentation import UserError, os_error_line
+from segmentation import UserError, os_error_line, quoted
 
 REQUIRED_KEYS = ("model", "arch", "num_classes", "label_set")
 TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "rng_cpu", "history", "progress", "epoch", "best_miou",
@@ -71,7 +70,7 @@ def write_failure(error: Exception, path: Path) -> str:
 def resume_hint(run_dir: Path) -> str:
     last = run_dir / "last.pt"
     if last.is_file():
-        return f"; then continue with: python main.py --resume {shlex.quote(str(last))}"
+        return f"; then continue with: python main.py --resume {quoted(last)}"
     return "; then run again"
 
 

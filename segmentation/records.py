@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import fcntl
 import os
-import shlex
 import sys
 import time
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # a Figure made directly draws to files only: no GUI backend, no pyplot state
 
-from segmentation import UserError, runtime
+from segmentation import UserError, quoted, runtime
 from segmentation.checkpoint import write_failure
 from segmentation.engine import EpochProgress
 
@@ -58,7 +57,7 @@ def started_only(folder: Path) -> bool:
 def refuse_taken(out: Path) -> None:
     if (out / "last.pt").is_file():
         raise UserError(f"run folder {out} already exists and is not empty; pass a new --out, or --resume "
-                        f"{shlex.quote(str(out / 'last.pt'))} to continue it")
+                        f"{quoted(out / 'last.pt')} to continue it")
     raise UserError(f"run folder {out} already exists and is not empty, and holds no checkpoint; pass a new --out "
                     "(or delete the folder, if it is a run that stopped before its first epoch ended)")
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 from pathlib import Path
 from typing import Callable
 
 from labels import LABEL_SETS
 from model import ARCHS
-from segmentation import UserError
+from segmentation import UserError, quoted
 from segmentation.checkpoint import load_checkpoint, require_training_state
 from segmentation.layouts import DATASETS
 from segmentation.loading import WEIGHTINGS
@@ -126,8 +125,3 @@ def load_resume_state(args: argparse.Namespace,
                         f"python test.py --checkpoint {quoted(args.resume.parent / 'best.pt')}, or train on with a "
                         f"new run: --init-from {quoted(args.resume)} --epochs N")
     return args, state
-
-
-def quoted(path: Path) -> str:
-    """``path`` as a shell word, so that a printed command can be pasted even when the path holds spaces."""
-    return shlex.quote(str(path))
