@@ -141,7 +141,7 @@ def train(args: argparse.Namespace) -> Path:
     ctx = set_up_processes(args, state)
     if args.download and ctx.is_main and state is None:
         download_kitti(args.data_root)
-    run_dir = args.resume.parent if state else runtime.on_main_rank(ctx, lambda: plan_run_dir(args.out, args.arch))
+    run_dir = runtime.on_main_rank(ctx, lambda: plan_run_dir(args.out, args.arch, args.resume if state else None))
 
     # 1. data: the classes (a resumed run's own table), the split, the loaders, the loss's class weights
     label_set = label_set_of(state) if state else get_label_set(args.label_set)

@@ -24,7 +24,7 @@ OS_ERROR_FIXES = {
     errno.EDQUOT: "free space within your disk quota",
     errno.EACCES: "choose a folder you may write (or fix its permissions)",
     errno.EPERM: "choose a folder you may write (or fix its permissions)",
-    errno.EROFS: "the file system is read-only: choose a folder on a writable one",
+    errno.EROFS: "choose a folder on a writable file system",
     errno.ENOENT: "the folder is gone (moved or deleted?): restore it, or choose another",
 }
 

@@ -36,9 +36,14 @@ def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float
             "class_iou": [None if np.isnan(iou) else round(float(iou), 6) for iou in report["iou"]]}  # None: absent
 
 
-def plan_run_dir(out: Path | None, arch: str) -> Path:
-    """The folder a new run will write: ``out``, or runs/<arch>-<date>-<time>; checked, not made yet (a run that
-    is refused while it starts leaves nothing behind). An existing, non-empty one is never reused."""
+def plan_run_dir(out: Path | None, arch: str, resumed: Path | None = None) -> Path:
+    """The folder a run will write: a resumed run's own (``resumed``: its last.pt), else ``out``, else
+    runs/<arch>-<date>-<time>; checked, not made yet (a run that is refused while it starts leaves nothing behind).
+    An existing, non-empty one is never reused by a new run."""
+    if resumed is not None:
+        check_writable(resumed.parent, fix=f"copy that folder somewhere writable and --resume from the copy's "
+                                            f"{resumed.name}")
+        return resumed.parent
     out = out or Path("runs") / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and (not out.is_dir() or not started_only(out)):
         refuse_taken(out)
@@ -62,13 +67,12 @@ def refuse_taken(out: Path) -> None:
                     "(or delete the folder, if it is a run that stopped before its first epoch ended)")
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, fix: str = "choose another --out, or fix its permissions") -> None:
     """Refuse, before any work, a folder that cannot be made or written: the first existing ancestor must be
     writable (``os.access`` says so for a read-only file system too)."""
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {folder}: {existing} is not a folder this user may write; choose another "
-                        "--out, or fix its permissions")
+        raise UserError(f"cannot write {folder}: {existing} is not a folder this user may write; {fix}")
 
 
 @contextmanager

@@ -4,6 +4,7 @@ import csv
 import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,6 +135,54 @@ def test_a_run_folder_the_user_may_not_write_is_one_line(synthetic_root, tmp_pat
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"error: cannot write {locked / 'run'}: {locked} is not a folder this user")
     assert not (locked / "run").exists()
+
+
+def read_only(folder: Path) -> list[str]:
+    """A command prefix that runs its command with ``folder`` bind-mounted read-only in a private mount namespace:
+    a real read-only file system, which even root cannot write. Skips where this machine may not mount."""
+    prefix = ["unshare", "--mount", "sh", "-c",
+              'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"', str(folder)]
+    try:
+        probe = subprocess.run([*prefix, sys.executable, "-c", f"import os; assert not os.access({str(folder)!r}, "
+                                "os.W_OK)"], capture_output=True, timeout=60)
+    except OSError:
+        probe = None
+    if probe is None or probe.returncode:
+        pytest.skip("this machine does not let the tests mount a folder read-only (needs unshare and mount)")
+    return prefix
+
+
+def test_a_read_only_file_system_is_one_line_before_any_work_for_every_command(synthetic_root, trained_run,
+                                                                             tmp_path):
+    """New run, --resume of an unfinished run, test.py and export.py, all writing into a read-only folder."""
+    disk = tmp_path / "disk"
+    (disk / "run").mkdir(parents=True)
+    state = torch.load(trained_run / "last.pt", weights_only=True)
+    state["config"]["epochs"] = state["epoch"] + 1  # one epoch still to train
+    torch.save(state, disk / "run" / "last.pt")
+    for split in ("train.txt", "val.txt"):
+        shutil.copy(trained_run / split, disk / "run" / split)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (disk / "run").iterdir())
+    prefix, python = read_only(disk), [sys.executable]
+    commands = {
+        "new run": ([*python, str(ROOT / "main.py"), *train_argv(synthetic_root, disk / "new")],
+                    f"cannot write {disk / 'new'}: {disk} is not a folder this user may write; choose another --out"),
+        "resume": ([*python, str(ROOT / "main.py"), "--resume", str(disk / "run" / "last.pt")],
+                   f"cannot write {disk / 'run'}: {disk / 'run'} is not a folder this user may write; copy that "
+                   "folder somewhere writable and --resume from the copy's last.pt"),
+        "test.py": ([*python, str(ROOT / "test.py"), "--checkpoint", str(trained_run / "best.pt"), "--data-root",
+                     str(synthetic_root), "--out", str(disk / "eval")],
+                    f"cannot write {disk / 'eval'}: {disk} is not a folder this user may write"),
+        "export.py": ([*python, str(ROOT / "export.py"), "--checkpoint", str(trained_run / "best.pt"), "--out",
+                       str(disk / "model.onnx")], f"cannot write {disk / 'model.onnx'}: folder {disk} is not writable"),
+    }
+    for name, (command, expected) in commands.items():
+        result = subprocess.run([*prefix, *command], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, (name, result.stderr)
+        assert result.stderr.startswith(f"error: {expected}"), (name, result.stderr)
+        assert "parameters" not in result.stdout, (name, "refused only after loading data and model")
+    assert sorted(p.name for p in disk.iterdir()) == ["run"]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (disk / "run").iterdir()) == before
 
 
 @pytest.mark.parametrize("kind", ["resnet34", "fcn checkpoint", "a list"])
