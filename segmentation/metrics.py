@@ -98,7 +98,7 @@ def benchmark_confusion(confusion: np.ndarray, label_set: LabelSet) -> np.ndarra
 
 def category_confusion(benchmark: np.ndarray) -> np.ndarray:
     """(19, 20) benchmark matrix -> (7, 8): classes merged into their Cityscapes categories."""
-    category_of = np.array([CATEGORIES.index(l.category) for l in TRAIN_LABELS] + [len(CATEGORIES)])
+    category_of = np.array([CATEGORIES.index(label.category) for label in TRAIN_LABELS] + [len(CATEGORIES)])
     out = np.zeros((len(CATEGORIES), len(CATEGORIES) + 1), dtype=np.int64)
     np.add.at(out, (category_of[:-1][:, None], category_of[None, :]), benchmark)
     return out
