@@ -297,7 +297,8 @@ def describe(args, model, label_set, data_summary: str, ctx: runtime.Context, ru
     total, trainable = count_parameters(model)
     processes = f" x {ctx.world_size}" if ctx.world_size > 1 else ""
     return (f"{args.arch}: {total / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable), "
-            f"{label_set.num_classes} classes, {data_summary}, device {ctx.device}{processes}, run folder {run_dir}")
+            f"{label_set.num_classes} classes (label set {label_set.name}), {data_summary}, device {ctx.device}"
+            f"{processes}, run folder {run_dir}")
 
 
 def config_of(args: argparse.Namespace) -> dict:

@@ -232,7 +232,7 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
     train_loader = DataLoader(train_set, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True),
                               generator=loader_generator(args, ctx, 0), **common)
     val_loader = DataLoader(val_set, batch_sampler=val_batches, generator=loader_generator(args, ctx, 1), **common)
-    summary = (f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, crop {crop[0]}x{crop[1]}, "
+    summary = (f"{args.dataset} layout: {len(train_set)} train / {len(val_set)} val images, crop {crop[0]}x{crop[1]}, "
                f"{workers} loader workers; {describe_cache(train_set, 'train')}, {describe_cache(val_set, 'val')}")
     if weights is not None:
         summary += f"\nclass weights ({args.class_weights}): " + " ".join(
