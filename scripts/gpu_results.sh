@@ -3,14 +3,18 @@
 # SYNTHETIC tree of KITTI's size (200 labelled images at KITTI resolutions), random init (no internet there).
 # bench.py needs onnxruntime and export.py onnxscript/onnx (requirements*.txt): carry the wheels if the machine lacks them.
 # Usage: bash scripts/gpu_results.sh OUT_DIR [STAGE ...]   stages: check (GPU-only tests, bench: ~4 min on an H100),
-# runs (three 50-epoch runs: ~4 min), suite (the whole test suite). Default: check runs. A device call may last at most
-# 10 minutes, so give each call one stage.
+# runs (three 50-epoch runs: ~4 min), suite (the whole test suite), camvid (docs/results.md's CamVid rows still to
+# run: FCN-32s unweighted, FCN-8s median-freq seeds 1 and 2, each scored on test). Default: check runs. A device call
+# may last at most 10 minutes, so give each call one stage.
+# camvid needs data/camvid (scripts/prepare_camvid.py; 182 MB) on the device, more than one call carries (64 MiB):
+# here `tar -cf - data/camvid | split -b 60M - data/camvid.tar.part-`, one call per part with carry
+# ["data/camvid.tar.part-aa"] and so on (a warm machine keeps them), then this stage puts them together.
 set -euo pipefail
 out=${1:?usage: gpu_results.sh OUT_DIR [check] [runs] [suite]}
 shift
 stages=" ${*:-check runs} "
 for stage in $stages; do
-  case $stage in check|runs|suite) ;; *) echo "unknown stage '$stage': use check, runs or suite" >&2; exit 2 ;; esac
+  case $stage in check|runs|suite|camvid) ;; *) echo "unknown stage '$stage': use check, runs, suite or camvid" >&2; exit 2 ;; esac
 done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -56,6 +60,23 @@ suite() {  # the whole suite, in parallel where pytest-xdist is installed (threa
   tail -25 "$out/pytest_suite.txt"
 }
 
-for stage in check runs suite; do
+camvid() {  # the commands of docs/results.md's CamVid rows, on the GPU
+  [[ -d data/camvid ]] || cat data/camvid.tar.part-* | tar -xf -
+  local flags="--no-pretrained --data-root data/camvid --split-dir data/camvid/splits --label-set data/camvid/camvid.csv"
+  local name start
+  for name in "fcn32 --arch fcn32" "fcn8-mf-seed1 --arch fcn8 --class-weights median-freq --seed 1" \
+              "fcn8-mf-seed2 --arch fcn8 --class-weights median-freq --seed 2"; do
+    set -- $name; name=$1; shift; start=$SECONDS
+    python3 main.py $flags "$@" --workers "${WORKERS:-8}" --out "/tmp/camvid/$name" > "$out/camvid_$name.log" 2>&1 \
+      || { echo "camvid $name FAILED" | tee -a "$out/camvid_$name.log"; continue; }
+    echo "wall seconds $name: $((SECONDS - start))" | tee -a "$out/camvid_$name.log"
+    python3 test.py --checkpoint "/tmp/camvid/$name/best.pt" --split test --out "/tmp/camvid/$name-test" \
+      | tail -20 >> "$out/camvid_$name.log"
+    cp "/tmp/camvid/$name/metrics.csv" "$out/camvid_metrics_$name.csv"
+    cp "/tmp/camvid/$name-test/metrics.json" "$out/camvid_test_$name.json"
+  done
+}
+
+for stage in check runs suite camvid; do
   if has_stage $stage; then $stage; fi
 done
