@@ -10,7 +10,7 @@
 # here `tar -cf - data/camvid | split -b 60M - data/camvid.tar.part-`, one call per part with carry
 # ["data/camvid.tar.part-aa"] and so on (a warm machine keeps them), then this stage puts them together.
 set -euo pipefail
-out=${1:?usage: gpu_results.sh OUT_DIR [check] [runs] [suite]}
+out=${1:?usage: gpu_results.sh OUT_DIR [check] [runs] [suite] [camvid]}
 shift
 stages=" ${*:-check runs} "
 for stage in $stages; do
@@ -63,18 +63,21 @@ suite() {  # the whole suite, in parallel where pytest-xdist is installed (threa
 camvid() {  # the commands of docs/results.md's CamVid rows, on the GPU
   [[ -d data/camvid ]] || cat data/camvid.tar.part-* | tar -xf -
   local flags="--no-pretrained --data-root data/camvid --split-dir data/camvid/splits --label-set data/camvid/camvid.csv"
-  local name start
-  for name in "fcn32 --arch fcn32" "fcn8-mf-seed1 --arch fcn8 --class-weights median-freq --seed 1" \
-              "fcn8-mf-seed2 --arch fcn8 --class-weights median-freq --seed 2"; do
-    set -- $name; name=$1; shift; start=$SECONDS
-    python3 main.py $flags "$@" --workers "${WORKERS:-8}" --out "/tmp/camvid/$name" > "$out/camvid_$name.log" 2>&1 \
+  local name run_flags start
+  while read -r name run_flags; do
+    start=$SECONDS
+    python3 main.py $flags $run_flags --workers "${WORKERS:-8}" --out "/tmp/camvid/$name" < /dev/null > "$out/camvid_$name.log" 2>&1 \
       || { echo "camvid $name FAILED" | tee -a "$out/camvid_$name.log"; continue; }
     echo "wall seconds $name: $((SECONDS - start))" | tee -a "$out/camvid_$name.log"
-    python3 test.py --checkpoint "/tmp/camvid/$name/best.pt" --split test --out "/tmp/camvid/$name-test" \
+    python3 test.py --checkpoint "/tmp/camvid/$name/best.pt" --split test --out "/tmp/camvid/$name-test" < /dev/null \
       | tail -20 >> "$out/camvid_$name.log"
     cp "/tmp/camvid/$name/metrics.csv" "$out/camvid_metrics_$name.csv"
     cp "/tmp/camvid/$name-test/metrics.json" "$out/camvid_test_$name.json"
-  done
+  done <<'ROWS'
+fcn32 --arch fcn32
+fcn8-mf-seed1 --arch fcn8 --class-weights median-freq --seed 1
+fcn8-mf-seed2 --arch fcn8 --class-weights median-freq --seed 2
+ROWS
 }
 
 for stage in check runs suite camvid; do
