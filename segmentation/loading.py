@@ -213,7 +213,7 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cache = default_cache_gb() / local_processes if args.cache_gb is None else args.cache_gb
     train_set = SegmentationDataset(args.dataset, args.data_root, split["train"], label_set,
-                                    train_augmentation(crop, base), cache=cache)
+                                    train_augmentation(crop, base, photometric=args.photometric), cache=cache)
     val_set = SegmentationDataset(args.dataset, args.data_root, split["val"], label_set, cache=cache)
     if len(train_set) < args.batch_size * ctx.world_size:
         raise UserError(f"{args.data_root}: {len(train_set)} training images are fewer than one batch "

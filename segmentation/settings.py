@@ -15,6 +15,7 @@ from labels import LABEL_SETS
 from model import ARCHS
 from segmentation import UserError, quoted
 from segmentation.checkpoint import load_checkpoint, require_training_state
+from segmentation.augmentation import PHOTOMETRIC_LEVELS
 from segmentation.layouts import DATASETS
 from segmentation.loading import WEIGHTINGS
 
@@ -57,6 +58,8 @@ ACCEPTS = {
     "label_set": (lambda v: v in LABEL_SETS or (isinstance(v, (str, Path)) and str(v).endswith(".csv")),
                   "train | full | a class table file, e.g. \"data/camvid/camvid.csv\""),
     "class_weights": (lambda v: v in WEIGHTINGS, " | ".join(WEIGHTINGS)),
+    "photometric": (lambda v: v in PHOTOMETRIC_LEVELS, " | ".join(PHOTOMETRIC_LEVELS)),
+    "aux_loss": (lambda v: real(v) and v >= 0, "0 (no auxiliary head) or a loss weight, e.g. 0.4"),
     "data_root": (lambda v: isinstance(v, Path), "a folder, e.g. \"data/data_semantics\""),
     "out": (lambda v: v is None or isinstance(v, Path), "None or a folder, e.g. \"runs/fcn16-a\""),
     "seed": (lambda v: whole(v, 0), "a whole number, 0 or more"),
