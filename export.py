@@ -26,7 +26,7 @@ from torch import nn
 
 from data_preprocessing import normalize
 from labels import LabelSet
-from segmentation import UserError, os_error_line
+from segmentation import UserError, os_error_line, runtime
 from segmentation.checkpoint import load_model
 
 FORMATS = ("onnx", "pt2")
@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         out = args.out or args.checkpoint.with_suffix(f".{fmt}")
         if not args.checkpoint.is_file():
             raise UserError(f"checkpoint {args.checkpoint} does not exist; pass the best.pt or last.pt of a run")
-        export(args.checkpoint, out, fmt, args.with_logits, args.force)
+        with runtime.interrupts_end_in_one_line(f"nothing was written: {out} is written whole or not at all"):
+            export(args.checkpoint, out, fmt, args.with_logits, args.force)
     except UserError as error:
         sys.exit(f"error: {error}")
     except OSError as error:

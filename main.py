@@ -348,9 +348,10 @@ def demo_args(args: argparse.Namespace) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        if args.demo is not None:
-            args = demo_args(args)
-        run_dir = train(args)
+        with runtime.interrupts_end_in_one_line("the run folder, if any, keeps its last saved checkpoint"):
+            if args.demo is not None:
+                args = demo_args(args)
+            run_dir = train(args)
         if args.demo is not None:
             evaluation = subprocess.run([sys.executable, str(Path(__file__).with_name("test.py")), "--checkpoint",
                                          str(run_dir / "best.pt"), "--device", args.device, "--num-visuals", "4"])
@@ -368,8 +369,6 @@ def main(argv: list[str] | None = None) -> None:
         operation = str(error).strip().splitlines()[0].split(". ")[0]
         sys.exit(f"error: --deterministic: {operation} (PyTorch {torch.__version__}); run (or --resume) with "
                  "--no-deterministic, which keeps everything exact except the last bits on CUDA")
-    except KeyboardInterrupt:  # before the training loop installs its handler, or a second Ctrl-C
-        sys.exit("interrupted; the run folder, if any, keeps its last saved checkpoint")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,10 @@ from typing import Iterator
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from data_preprocessing import ImageList, SegmentationDataset
 from labels import LabelSet, colorize
-from segmentation import UserError, os_error_line
+from segmentation import UserError, os_error_line, runtime
 from segmentation.checkpoint import load_model
 from segmentation.engine import ProgressLine, class_map, evaluate, predict
 from segmentation.layouts import labelled_names, list_images, list_test_images
@@ -155,7 +154,7 @@ def split_dir_for(args: argparse.Namespace, state: dict) -> Path | None:
 
 def evaluate_split(args, model, state, dataset: SegmentationDataset, device, writer) -> dict:
     names, label_set, dataset_name = dataset.names, dataset.label_set, state.get("config", {}).get("dataset", "kitti")
-    loader = DataLoader(dataset, 1, num_workers=args.workers, pin_memory=device.type == "cuda")
+    loader = runtime.StopSafeLoader(dataset, 1, num_workers=args.workers, pin_memory=device.type == "cuda")
 
     def save(index: int, prediction: torch.Tensor) -> None:
         image, truth = dataset[index] if index < writer.num_visuals else (None, None)
@@ -179,7 +178,7 @@ def evaluate_split(args, model, state, dataset: SegmentationDataset, device, wri
 @torch.no_grad()
 def predict_images(args, model, dataset: ImageList, device, writer) -> dict:
     """Label-id PNGs (and pictures) for unlabelled images: a test split or a folder."""
-    loader = DataLoader(dataset, 1, num_workers=args.workers)
+    loader = runtime.StopSafeLoader(dataset, 1, num_workers=args.workers)
     line, start = ProgressLine(len(dataset), "predict"), time.perf_counter()
     for index, image in enumerate(loader):
         prediction = class_map(predict(model, image, device, flip=args.flip, scales=tuple(args.scales)))
@@ -288,7 +287,9 @@ def prediction_writer(args: argparse.Namespace, label_set: LabelSet) -> Predicti
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        result = run(args)
+        with runtime.interrupts_end_in_one_line("the output folder keeps the predictions written before the "
+                                                "interrupt, and no metrics"):
+            result = run(args)
         unit = "frames" if "video" in result else "images"
         print(f"{result['num_images']} {unit} at {result['images_per_second']:.1f} {unit}/s; outputs in {args.out}")
     except UserError as error:

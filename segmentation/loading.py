@@ -26,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, Sampler
 
 from data_preprocessing import SegmentationDataset, default_cache_gb, image_size
 from labels import LabelSet
@@ -134,8 +134,8 @@ def class_weights(counts: np.ndarray, method: str) -> torch.Tensor:
 
 @dataclass
 class RunData:
-    train_loader: DataLoader
-    val_loader: DataLoader
+    train_loader: runtime.StopSafeLoader
+    val_loader: runtime.StopSafeLoader
     sampler: SeededTrainSampler
     class_weights: torch.Tensor | None
     summary: str
@@ -148,7 +148,7 @@ class StartedEpoch:
     before it validates epoch k and the workers prepare while the model validates: the first batches of each
     epoch were most of the data wait on a GPU. Without workers nothing is made ahead."""
 
-    def __init__(self, loader: DataLoader, sampler: SeededTrainSampler, epoch: int, skip: int = 0):
+    def __init__(self, loader: runtime.StopSafeLoader, sampler: SeededTrainSampler, epoch: int, skip: int = 0):
         sampler.set_epoch(epoch, skip)
         self.length, self.iterator = len(loader), iter(loader)
 
@@ -229,9 +229,9 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
     workers = runtime.worker_count(args.workers, ctx.world_size)
     common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
                   multiprocessing_context=WORKER_START if workers > 0 else None)
-    train_loader = DataLoader(train_set, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True),
+    train_loader = runtime.StopSafeLoader(train_set, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True),
                               generator=loader_generator(args, ctx, 0), **common)
-    val_loader = DataLoader(val_set, batch_sampler=val_batches, generator=loader_generator(args, ctx, 1), **common)
+    val_loader = runtime.StopSafeLoader(val_set, batch_sampler=val_batches, generator=loader_generator(args, ctx, 1), **common)
     summary = (f"{args.dataset} layout: {len(train_set)} train / {len(val_set)} val images, crop {crop[0]}x{crop[1]}, "
                f"{workers} loader workers; {describe_cache(train_set, 'train')}, {describe_cache(val_set, 'val')}")
     if weights is not None:

@@ -5,20 +5,32 @@ Stopping. Raising ``KeyboardInterrupt`` wherever the main process happens to be 
 step, between the update of one tensor and the next: the saved state would then match no step at all. Instead
 the first signal only sets a flag that the training loop reads between steps; a second signal aborts at once.
 Under DDP the ranks agree on the flag (an all-reduce at log boundaries), so they all stop at the same step.
+
+Launchers send a stop to a whole process group (a terminal's Ctrl-C, ``timeout``, SLURM, systemd) and torchrun
+passes its own on to each rank, so a process may get the same request twice in a moment, and its DataLoader
+workers get it too. Workers ignore it (``StopSafeLoader``): the main process owns the stop and ends them itself.
+A repeat within ``REPEAT_WINDOW_S`` counts as the same request; only a later one aborts.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
+import sys
+import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 from segmentation import UserError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and cluster schedulers' pre-emption
+REPEAT_WINDOW_S = 2.0  # a second signal this soon after the first is a launcher passing the same request on
 T = TypeVar("T")
 
 
@@ -119,18 +131,81 @@ def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def interrupts_end_in_one_line(what_is_kept: str):
+    """Within it SIGTERM interrupts as Ctrl-C does; either ends the command with one line on stderr saying
+    ``what_is_kept``, and status 130 (128 + SIGINT, what shells report for Ctrl-C), never a traceback."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"interrupted; {what_is_kept}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker's ``worker_init_fn``: ignore SIGINT and SIGTERM, which reach workers with their parent's
+    process group. Forked with both blocked (``StopSafeLoader``), the worker discards one that came in between
+    (POSIX drops a pending signal whose action becomes SIG_IGN) before it unblocks them."""
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+class StopSafeLoader(DataLoader):
+    """A DataLoader whose workers leave Ctrl-C and SIGTERM to the main process: they are forked with both signals
+    blocked and ignore them from their first instruction (``ignore_stop_signals``); the main process gets any that
+    arrived meanwhile once the workers are started. A worker killed by a group signal would otherwise end the
+    training process with "DataLoader worker ... killed by signal" before it could save.
+
+    Workers that ignore SIGTERM outlive multiprocessing's exit handler, which terminates (SIGTERM) and then joins
+    them; so the workers still running at exit are ended first, the way the loader ends them itself
+    (``_end_workers``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, worker_init_fn=ignore_stop_signals, **kwargs)
+
+    def __iter__(self):
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            iterator = super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if self.num_workers:
+            _WITH_WORKERS.add(iterator)
+        return iterator
+
+
+_WITH_WORKERS: weakref.WeakSet = weakref.WeakSet()  # StopSafeLoader iterators that started workers
+
+
+@atexit.register  # registered after multiprocessing's own exit handler, so it runs before it
+def _end_workers() -> None:
+    """Ask every loader's workers to finish and join them (the loader's own shutdown, which ``del`` of the
+    iterator would run), so that none is left for multiprocessing's handler to SIGTERM and wait on forever."""
+    for iterator in list(_WITH_WORKERS):
+        iterator._shutdown_workers()
+
+
 class StopRequest:
     """Context manager that installs the handlers and restores the previous ones on exit."""
 
     def __init__(self, device: torch.device, world_size: int = 1):
         self.device, self.world_size = device, world_size
-        self.requested = False
+        self.requested, self._first = False, 0.0
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt  # the second signal: abort now, without saving
-        self.requested = True
+        if self.requested and time.monotonic() - self._first > REPEAT_WINDOW_S:
+            raise KeyboardInterrupt  # a second request: abort now, without saving
+        if not self.requested:
+            self.requested, self._first = True, time.monotonic()
 
     def __enter__(self) -> StopRequest:
         self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}

@@ -1,0 +1,122 @@
+"""Stop signals as launchers and terminals send them: to a whole process group (``timeout``, SLURM, systemd,
+``kill -TERM -PGID``, Ctrl-C in a terminal) and through torchrun, with DataLoader workers alive. Every command
+ends in one line and status 130; training saves where it stands and resumes to an unbroken run's weights."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import train_argv
+from test_distributed import free_port
+from test_main import assert_same_weights, final_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start(argv: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """A command in a process group of its own (as a shell job or a batch job is), output merged and piped."""
+    return subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, **(env or {})})
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, from /proc."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:  # it has exited
+        return []
+    return [pid] + [p for child in children for p in process_tree(int(child))]
+
+
+def signal_group_when(process: subprocess.Popen, marker: str, signum: int, whole_tree: bool = False,
+                      timeout: float = 240) -> str:
+    """Send ``signum`` to the process's whole group once a line containing ``marker`` is printed, and with
+    ``whole_tree`` to every process it started as well (torchrun starts each rank in a session of its own; SLURM
+    signals every process of a job step); returns all that the process printed until it exited."""
+    printed, deadline = [], time.time() + timeout
+    for line in process.stdout:
+        printed.append(line)
+        if marker in line:
+            tree = process_tree(process.pid) if whole_tree else []
+            os.killpg(process.pid, signum)
+            for pid in tree[1:]:
+                os.kill(pid, signum)
+            break
+        assert time.time() < deadline, "".join(printed)
+    printed += process.stdout.readlines()
+    process.wait(timeout=120)
+    return "".join(printed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_group_signal_with_loader_workers_saves_the_epoch_and_resumes_to_the_unbroken_weights(
+        synthetic_root, trained_run, tmp_path, signum):
+    run = tmp_path / "run"
+    argv = train_argv(synthetic_root, run, "--arch", "fcn16", "--workers", "2", "--log-every", "1")
+    process = start([sys.executable, str(ROOT / "main.py"), *argv], tmp_path)
+    printed = signal_group_when(process, "epoch 1/2 1/", signum)
+    assert process.returncode == 130, printed[-3000:]
+    assert "Traceback" not in printed and "interrupted: saved" in printed and "--resume" in printed
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["progress"]["step"]) != (2, 0)  # stopped before the run's end
+    resumed = subprocess.run([sys.executable, str(ROOT / "main.py"), "--resume", str(run / "last.pt")], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(final_weights(run), final_weights(trained_run))
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_of_a_torchrun_job_saves_and_resumes_to_the_unbroken_weights(synthetic_root,
+                                                                                             tmp_path):
+    """As SLURM stops a job step: torchrun, both ranks and their loader workers get SIGTERM at once, and each rank
+    gets it again from torchrun, which passes on what it received."""
+    names = sorted(p.stem for p in (synthetic_root / "training" / "semantic").glob("*.png"))
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "train.txt").write_text("\n".join(names[:8]) + "\n")
+    (tmp_path / "split" / "val.txt").write_text("\n".join(names[8:]) + "\n")
+
+    def torchrun(*flags: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                str(free_port()), str(ROOT / "main.py"), *flags]
+
+    def flags(out: Path) -> list[str]:
+        return train_argv(synthetic_root, out, "--arch", "fcn16", "--workers", "1", "--log-every", "1",
+                          "--split-dir", str(tmp_path / "split"))
+    process = start(torchrun(*flags(tmp_path / "run")), tmp_path, {"OMP_NUM_THREADS": "1"})
+    printed = signal_group_when(process, "epoch 1/2 1/", signal.SIGTERM, whole_tree=True)
+    assert "interrupted: saved" in printed and "Traceback" not in printed.split("interrupted: saved")[0], printed
+    assert (tmp_path / "run" / "last.pt").is_file()
+    for command in (torchrun("--resume", str(tmp_path / "run" / "last.pt")), torchrun(*flags(tmp_path / "straight"))):
+        finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_same_weights(final_weights(tmp_path / "run"), final_weights(tmp_path / "straight"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_group_signal_during_test_py_predictions_is_one_line_and_status_130(trained_run, synthetic_root, tmp_path,
+                                                                             signum):
+    images = tmp_path / "images"
+    images.mkdir()
+    frame = next((synthetic_root / "training" / "image_2").glob("*.png"))
+    for index in range(60):
+        (images / f"{index:03d}.png").write_bytes(frame.read_bytes())
+    out = tmp_path / "predictions"
+    process = start([sys.executable, str(ROOT / "test.py"), "--checkpoint", str(trained_run / "best.pt"), "--images",
+                     str(images), "--out", str(out), "--save-all", "--workers", "2", "--flip", "--scales", "1", "2"],
+                    tmp_path)
+    deadline = time.time() + 120
+    while not (out.is_dir() and any(out.rglob("*.png"))) and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signum)
+    printed = process.communicate(timeout=120)[0]
+    assert process.returncode == 130, printed[-3000:]
+    assert "Traceback" not in printed and printed.strip().splitlines()[-1].startswith("interrupted; ")
