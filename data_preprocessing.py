@@ -259,7 +259,7 @@ def check_tree(root: Path, dataset: str = "kitti", label_set: LabelSet | str = "
     tree; the problems found, file by file, are raised together."""
     root = Path(root)
     split = default_split_for(dataset, root)
-    names = split["train"] + split["val"]
+    names = get_layout(dataset).labelled(root)
     pairs = SegmentationDataset(dataset, root, names, label_set)
     sizes, problems = set(), []
     for index in range(len(pairs)):

@@ -29,7 +29,7 @@ from labels import LabelSet, colorize
 from segmentation import UserError, os_error_line, runtime
 from segmentation.checkpoint import load_model
 from segmentation.engine import ProgressLine, class_map, evaluate, predict
-from segmentation.layouts import labelled_names, list_images, list_test_images
+from segmentation.layouts import ROOT_SPLITS, labelled_names, list_images, list_test_images
 from segmentation.metrics import evaluation_report
 from segmentation.records import check_writable, plot_confusion
 from segmentation.runtime import pick_device
@@ -141,12 +141,13 @@ def write_report(report: dict, out: Path, extra: dict) -> None:
             writer.writerow([row[0], *(("" if math.isnan(v) else f"{v:.6f}") for v in row[1:3]), row[3]])
 
 
-def split_dir_for(args: argparse.Namespace, state: dict) -> Path | None:
+def split_dir_for(args: argparse.Namespace, state: dict, root: Path) -> Path | None:
     """Where the split's <split>.txt is: --split-dir, else the run folder (its own train.txt/val.txt), else the
-    run's --split-dir (e.g. CamVid's splits/ with test.txt); None: the dataset's default split."""
+    run's --split-dir, else the data root's own splits/ (e.g. CamVid's, with test.txt); None: the dataset's
+    default split."""
     if args.split_dir is not None:
         return args.split_dir
-    for folder in (args.checkpoint.parent, state.get("config", {}).get("split_dir")):
+    for folder in (args.checkpoint.parent, state.get("config", {}).get("split_dir"), root / ROOT_SPLITS):
         if folder and (Path(folder) / f"{args.split}.txt").is_file():
             return Path(folder)
     return None
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace) -> dict:
     check_writable(args.out)
     if args.images is not None and is_video(args.images):
         return predict_video(args, model, label_set, device)
-    split_dir = split_dir_for(args, state)
+    split_dir = split_dir_for(args, state, root)
     if args.images is not None or (args.split == "test" and not (split_dir and (split_dir / "test.txt").is_file())):
         # a folder, or a test split without public labels (KITTI's, Cityscapes'): predictions only
         items = list_images(args.images) if args.images is not None else list_test_images(dataset_name, root)

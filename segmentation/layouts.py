@@ -11,9 +11,16 @@ ids are Cityscapes ids in both datasets, so ``labels.py`` stays the only table::
 
 Image names are KITTI's file stems (``000000_10``) and Cityscapes' ``<city>/<city>_<seq>_<frame>``.
 Splits are FIXED, independent of main.py's ``--seed``, so that runs with different seeds are compared on
-the same validation images: KITTI has no official validation set and gets one fixed 80/20 split
-(``default_split``, 200 images -> 160/40); Cityscapes keeps its official train/val folders. A
-``--split-dir`` holding ``train.txt``/``val.txt`` overrides either.
+the same validation images. Where they come from, first found first:
+
+1. ``--split-dir D``: ``D/train.txt`` and ``D/val.txt`` (and ``D/<split>.txt`` for test.py --split);
+2. the data root's own split files, ``ROOT/splits/{train,val}.txt`` (as scripts/prepare_camvid.py writes them,
+   with ``test.txt``): a dataset that ships its split is trained on that split with no flag;
+3. the layout's default: KITTI has no official validation set and gets one fixed 80/20 split (``default_split``,
+   200 images -> 160/40), Cityscapes keeps its official train/val folders.
+
+Names listed in ``ROOT/splits/test.txt`` are held out of 2 and 3 (and of ``trainval``): a test image enters
+training only where a split file the user gives names it.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ CITYSCAPES_HELP = ("expected ROOT/leftImg8bit/{train,val,test}/<city>/<city>_<se
                    "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip); pass --data-root PATH")
 CITYSCAPES_IMAGE, CITYSCAPES_LABEL = "_leftImg8bit.png", "_gtFine_labelIds.png"
 LABELLED_SPLITS = ("train", "val", "trainval")
+ROOT_SPLITS = "splits"  # ROOT/splits/{train,val,test}.txt: a data root's own split, used when no --split-dir is given
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -84,9 +92,13 @@ class KittiLayout:
 
     help = LAYOUT_HELP
     label_hint = "use training/semantic, not training/semantic_rgb"
+    default_source = "the fixed 80/20 split of the labelled images"
 
-    def default_split(self, root: Path) -> dict[str, list[str]]:
-        return default_split(list_labelled(root))
+    def labelled(self, root: Path) -> list[str]:
+        return list_labelled(root)
+
+    def default_split(self, root: Path, held_out: set[str] = frozenset()) -> dict[str, list[str]]:
+        return default_split([name for name in list_labelled(root) if name not in held_out])
 
     def pair_paths(self, root: Path, names: list[str]) -> list[tuple[Path, Path]]:
         images = list_files(root / "training" / "image_2")
@@ -112,6 +124,7 @@ class CityscapesLayout:
     help = CITYSCAPES_HELP
     label_hint = ("use *_gtFine_labelIds.png, not *_gtFine_color.png (colours) or *_gtFine_instanceIds.png "
                   "(16-bit id x 1000 + instance)")
+    default_source = "the official train/ and val/ folders"
 
     def _images(self, root: Path, split: str) -> dict[str, Path]:
         if not root.is_dir():
@@ -140,8 +153,11 @@ class CityscapesLayout:
                             "a name must be in one split")
         return {**train, **val}
 
-    def default_split(self, root: Path) -> dict[str, list[str]]:
-        return {split: sorted(self._pairs(root, split)) for split in ("train", "val")}
+    def labelled(self, root: Path) -> list[str]:
+        return sorted(self._labelled(root))
+
+    def default_split(self, root: Path, held_out: set[str] = frozenset()) -> dict[str, list[str]]:
+        return {split: sorted(set(self._pairs(root, split)) - held_out) for split in ("train", "val")}
 
     def pair_paths(self, root: Path, names: list[str]) -> list[tuple[Path, Path]]:
         labelled = self._labelled(root)
@@ -184,31 +200,65 @@ def get_layout(dataset: str) -> KittiLayout | CityscapesLayout:
 
 
 # --- splits ------------------------------------------------------------------------------------------------
+def root_split_dir(root: Path) -> Path | None:
+    """The data root's own split folder, ``ROOT/splits``, if it holds train.txt and val.txt."""
+    folder = Path(root) / ROOT_SPLITS
+    return folder if (folder / "train.txt").is_file() and (folder / "val.txt").is_file() else None
+
+
+def held_out_names(root: Path) -> set[str]:
+    """The names in ``ROOT/splits/test.txt``: never trained on or validated by default."""
+    path = Path(root) / ROOT_SPLITS / "test.txt"
+    return set(read_names(path)) if path.is_file() else set()
+
+
+def split_source(dataset: str, root: Path, split_dir: Path | None) -> str:
+    """Where a run's train/val names come from, for its start line."""
+    if split_dir is not None:
+        return f"split from {split_dir}"
+    if root_split_dir(root) is not None:
+        return f"split from {root_split_dir(root)} (the data root's own)"
+    held_out = held_out_names(root)
+    return (f"split: {get_layout(dataset).default_source}" +
+            (f", less the {len(held_out)} test names of {Path(root) / ROOT_SPLITS / 'test.txt'}" if held_out else ""))
+
+
 def default_split_for(dataset: str, root: Path) -> dict[str, list[str]]:
-    """``{"train": names, "val": names}``: KITTI's fixed 80/20 split, Cityscapes' official folders. Fixed,
-    not drawn from main.py's ``--seed``; this is what main.py writes as train.txt/val.txt into a run folder."""
-    return get_layout(dataset).default_split(Path(root))
+    """``{"train": names, "val": names}`` of a run without --split-dir: the data root's own split files, else KITTI's
+    fixed 80/20 split or Cityscapes' official folders, without the root's test names. Fixed, not drawn from
+    main.py's ``--seed``; this is what main.py writes as train.txt/val.txt into a run folder."""
+    own = root_split_dir(root)
+    if own is not None:
+        return {split: split_file_names(dataset, root, own / f"{split}.txt") for split in ("train", "val")}
+    return get_layout(dataset).default_split(Path(root), held_out_names(root))
 
 
 def labelled_names(dataset: str, root: Path, split: str, split_dir: Path | None = None) -> list[str]:
     """Names in a labelled split: ``split_dir/<split>.txt`` if given (any split it names, e.g. a labelled test.txt),
-    else ``default_split_for``; ``trainval`` is every labelled image."""
-    if split not in LABELLED_SPLITS and not (split_dir and (Path(split_dir) / f"{split}.txt").is_file()):
+    else ``default_split_for`` (``ROOT/splits/<split>.txt`` for other splits); ``trainval`` is train + val."""
+    split_dir = split_dir if split_dir is not None or split in LABELLED_SPLITS else Path(root) / ROOT_SPLITS
+    if split not in LABELLED_SPLITS and not (split_dir / f"{split}.txt").is_file():
         raise UserError(f"unknown labelled split {split!r}; choose one of {', '.join(LABELLED_SPLITS)}")
-    default = default_split_for(dataset, root)
-    labelled = sorted(default["train"] + default["val"])
-    if split == "trainval":
-        return labelled
-    if split_dir is None:
-        return default[split]
+    if split == "trainval" or split_dir is None:
+        default = default_split_for(dataset, root)
+        return sorted(default["train"] + default["val"]) if split == "trainval" else default[split]
     path = Path(split_dir) / f"{split}.txt"
     if not path.is_file():
         raise UserError(f"{path} is missing: a split folder needs train.txt and val.txt, one image name a line")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return split_file_names(dataset, root, path)
+
+
+def read_names(path: Path) -> list[str]:
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def split_file_names(dataset: str, root: Path, path: Path) -> list[str]:
+    """The names in a split file, each once and each a labelled image of ``root``."""
+    names = read_names(path)
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:  # a repeated val name would be scored twice
         raise UserError(f"{path}: {', '.join(repeated[:5])} listed more than once; keep each name once")
-    unknown = sorted(set(names) - set(labelled))
+    unknown = sorted(set(names) - set(get_layout(dataset).labelled(Path(root))))
     if unknown:
         raise UserError(f"{path}: names not among the labelled images of {root}: {', '.join(unknown[:5])}")
     return names

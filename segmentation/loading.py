@@ -32,7 +32,7 @@ from data_preprocessing import SegmentationDataset, default_cache_gb, image_size
 from labels import LabelSet
 from segmentation import UserError, runtime
 from segmentation.augmentation import DATASET_DEFAULTS, train_augmentation
-from segmentation.layouts import default_split_for, labelled_names
+from segmentation.layouts import default_split_for, labelled_names, split_source
 
 # Loader workers see the decoded cache copy-on-write only when forked. Python 3.14 made forkserver Linux's default,
 # which pickles the dataset, cache included, into every worker (docs/results.md). Other systems keep their default.
@@ -232,7 +232,9 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
     train_loader = runtime.StopSafeLoader(train_set, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True),
                               generator=loader_generator(args, ctx, 0), **common)
     val_loader = runtime.StopSafeLoader(val_set, batch_sampler=val_batches, generator=loader_generator(args, ctx, 1), **common)
-    summary = (f"{args.dataset} layout: {len(train_set)} train / {len(val_set)} val images, crop {crop[0]}x{crop[1]}, "
+    source = "split from the run folder" if state is not None else split_source(args.dataset, args.data_root,
+                                                                                  args.split_dir)
+    summary = (f"{args.dataset} layout: {len(train_set)} train / {len(val_set)} val images ({source}), crop {crop[0]}x{crop[1]}, "
                f"{workers} loader workers; {describe_cache(train_set, 'train')}, {describe_cache(val_set, 'val')}")
     if weights is not None:
         summary += f"\nclass weights ({args.class_weights}): " + " ".join(

