@@ -23,6 +23,7 @@ from data_preprocessing import download_kitti
 from labels import LabelSet, get_label_set
 from model import ARCHS, AuxiliaryHead, WithAuxiliary, build_model, count_parameters
 from segmentation import UserError, os_error_line, quoted, runtime
+from segmentation.augmentation import PHOTOMETRIC_LEVELS
 from segmentation.checkpoint import (
     CheckpointWriter,
     initialise_from,
@@ -37,17 +38,23 @@ from segmentation.engine import (
     EpochProgress,
     NonFiniteLoss,
     autocast,
+    epoch_lr,
     evaluate,
     make_optimizer,
     segmentation_loss,
     to_model_input,
     train_one_epoch,
 )
-from segmentation.augmentation import PHOTOMETRIC_LEVELS
 from segmentation.layouts import DATASETS, write_split
 from segmentation.loading import WEIGHTINGS, StartedEpoch, make_loaders
 from segmentation.metrics import evaluation_report
-from segmentation.records import HistoryWriter, claimed_run_dir, epoch_line, epoch_record, plan_run_dir
+from segmentation.records import (
+    HistoryWriter,
+    claimed_run_dir,
+    epoch_line,
+    epoch_record,
+    plan_run_dir,
+)
 from segmentation.settings import check_args, load_resume_state, readable
 
 # ---- Hyperparameters: edit here, or override with the flag of the same name (--batch-size for BATCH_SIZE) ----
@@ -64,7 +71,7 @@ WARMUP_EPOCHS = 1.0              # linear warm-up from 0.1 x LR over this many e
 POLY_POWER = 0.9                 # lr = LR x (1 - progress) ^ POLY_POWER, stepped every iteration
 LABEL_SET = "train"              # train: 19 benchmark classes (others ignored) | full: 34 ids | a class table .csv
 CLASS_WEIGHTS = "none"           # none | median-freq (SegNet) | log (ENet): cross-entropy weights from the train labels
-PHOTOMETRIC = "mild"             # colour augmentation: mild (+-0.2 jitter) | strong (+hue, gamma, blur; augmentation.py)
+PHOTOMETRIC = "mild"             # colour augmentation: mild (+-0.2 jitter) | strong (+ hue, gamma, blur: augmentation)
 AUX_LOSS = 0.0                   # weight of a training-only head's loss on the stride-16 features; 0: no such head
 DATA_ROOT = "data/data_semantics"  # KITTI: folder holding training/ and testing/; Cityscapes: leftImg8bit/ and gtFine/
 OUT_DIR = None                   # run folder; None -> runs/<arch>-<date>-<time>; never overwritten
@@ -165,7 +172,8 @@ def train(args: argparse.Namespace) -> Path:
         if ctx.world_size > 1 else trained
 
     # 3. optimiser, schedule, mixed precision, and the training step they make
-    optimizer, scheduler = make_optimizer(trained, args, len(data.train_loader))
+    steps_per_epoch = len(data.train_loader)  # a whole epoch's: a mid-epoch resume shortens the loader's length later
+    optimizer, scheduler = make_optimizer(trained, args, steps_per_epoch)
     amp_dtype = runtime.amp_dtype_for(ctx.device, args.amp)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
 
@@ -231,14 +239,15 @@ def train(args: argparse.Namespace) -> Path:
             runtime.broadcast_buffers(model)  # every rank scores (and rank 0 saves) rank 0's BatchNorm statistics
             start = time.perf_counter()
             confusion, val_loss = evaluate(model, data.val_loader, label_set.num_classes, ctx.device, amp_dtype,
-                                           show=ctx.is_main)
+                                           show=ctx.is_main, class_weights=class_weights)
             if ctx.is_main:
                 report = evaluation_report(confusion.matrix, label_set)
                 if math.isnan(report["benchmark_mIoU"]):
                     raise UserError(f"{args.data_root}: the validation images hold no pixel of a scored class "
                                     "(every label is ignored or void), so no model can be scored; check the val labels")
-                history.append(epoch_record(epoch + 1, optimizer.param_groups[0]["lr"], trained, val_loss, report,
-                                            time.perf_counter() - start, ctx.device))
+                lr = epoch_lr(scheduler, epoch, steps_per_epoch)
+                history.append(epoch_record(epoch + 1, lr, trained, val_loss, report, time.perf_counter() - start,
+                                            ctx.device))
                 broken = non_finite(model)  # e.g. BatchNorm statistics overflowed while the loss still looked finite
                 if broken:
                     raise UserError(f"epoch {epoch + 1} left {broken} with NaN or infinite values; "
@@ -316,7 +325,8 @@ def describe(args, model, label_set, data_summary: str, ctx: runtime.Context, ru
     processes = f" x {ctx.world_size}" if ctx.world_size > 1 else ""
     return (f"{args.arch}: {total / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trainable), "
             f"{label_set.num_classes} classes (label set {label_set.name}), {data_summary}, device {ctx.device}"
-            f"{processes}, run folder {run_dir}")
+            f"{processes}, precision {runtime.precision_name(runtime.amp_dtype_for(ctx.device, args.amp))} (training "
+            f"and validation), run folder {run_dir}")
 
 
 def config_of(args: argparse.Namespace) -> dict:

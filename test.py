@@ -162,15 +162,22 @@ def evaluate_split(args, model, state, dataset: SegmentationDataset, device, wri
         writer(index, names[index], prediction[0].to(torch.uint8).cpu().numpy(), image,
                None if truth is None else truth.numpy())
 
+    # the run's own validation: its precision (autocast on CUDA unless it trained with --no-amp), its loss weights
+    amp_dtype = runtime.amp_dtype_for(device, state.get("config", {}).get("amp", True))
+    weights = state.get("class_weights")
     start = time.perf_counter()
-    confusion, loss = evaluate(model, loader, label_set.num_classes, device, on_prediction=save,
+    confusion, loss = evaluate(model, loader, label_set.num_classes, device, amp_dtype, on_prediction=save,
+                               class_weights=None if weights is None else weights.to(device),
                                flip=args.flip, scales=tuple(args.scales))
     seconds = time.perf_counter() - start
     report = evaluation_report(confusion.matrix, label_set)
     print(format_table(report))
+    precision = runtime.precision_name(amp_dtype)
+    weighted = " weighted by the run's class weights" if weights is not None else ""
+    print(f"precision: {precision} (as the run validated); loss: cross-entropy{weighted} {loss:.4f}")
     extra = {"num_images": len(dataset), "checkpoint": str(args.checkpoint), "dataset": dataset_name,
              "split": args.split, "label_set": label_set.name, "arch": state["arch"], "loss": loss,
-             "images_per_second": len(dataset) / seconds}
+             "precision": precision, "images_per_second": len(dataset) / seconds}
     write_report(report, args.out, extra)
     plot_confusion(confusion.matrix, label_set.class_names, args.out / "confusion.png")
     return extra

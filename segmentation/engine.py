@@ -165,9 +165,11 @@ def predict(model: nn.Module, images: torch.Tensor, device: torch.device, amp_dt
     return (probabilities / len(variants)).log()
 
 
-def score_batch(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The summed cross-entropy of ``target`` under (N, C, H, W) ``scores`` (see ``predict``) and their (N, H, W)
-    class map, from one maximum over the classes: the class map is its index, and the loss of a pixel is
+def score_batch(scores: torch.Tensor, target: torch.Tensor,
+                class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy of ``target`` under (N, C, H, W) ``scores`` (see ``predict``), each pixel's term
+    times its class's weight if ``class_weights`` are given (as ``segmentation_loss`` weighs them), and their
+    (N, H, W) class map, from one maximum over the classes: the class map is its index, and the loss of a pixel is
     ``top + log(sum(exp(scores - top))) - scores[target]``, the log-softmax's own formula for just the one class
     it needs. No (N, C, H, W) log-probabilities are made: on the CPU such a full-size temporary costs more in
     fresh pages than in arithmetic, so the CPU also works in bands of BAND_ROWS rows."""
@@ -178,7 +180,10 @@ def score_batch(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
         log_sum_exp = top + (band - top.unsqueeze(1)).exp_().sum(1).log_()
         valid = band_target != IGNORE_INDEX
         picked = band.gather(1, band_target.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)
-        loss = loss + torch.where(valid, log_sum_exp - picked, 0).sum()
+        per_pixel = torch.where(valid, log_sum_exp - picked, 0)
+        if class_weights is not None:
+            per_pixel = per_pixel * pixel_weights(class_weights, band_target)
+        loss = loss + per_pixel.sum()
         maps.append(classes)
     return loss, torch.cat(maps, 1)
 
@@ -186,8 +191,10 @@ def score_batch(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, amp_dtype: torch.dtype | None = None,
              show: bool = True, on_prediction: Callable[[int, torch.Tensor], None] | None = None,
-             **predict_options) -> tuple[ConfusionMatrix, float]:
-    """One confusion matrix and the mean loss over the whole loader, summed over DDP ranks.
+             class_weights: torch.Tensor | None = None, **predict_options) -> tuple[ConfusionMatrix, float]:
+    """One confusion matrix and the mean loss over the whole loader, summed over DDP ranks. The loss is the
+    training loss's definition: with ``class_weights`` each pixel's term weighs as its class, divided by the sum of
+    the weights (``segmentation_loss``), so a weighted run's train and val losses are one quantity.
 
     ``on_prediction(batch_index, (N, H, W) class map)`` lets test.py save predictions.
     """
@@ -198,9 +205,10 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, a
     for batch_index, (images, labels) in enumerate(loader):
         scores = predict(model, images, device, amp_dtype, **predict_options)
         target = labels.to(device, non_blocking=True).long()
-        loss, prediction = score_batch(scores, target)
+        loss, prediction = score_batch(scores, target, class_weights)
         loss_and_count[0] += loss
-        loss_and_count[1] += (target != IGNORE_INDEX).sum()
+        loss_and_count[1] += (target != IGNORE_INDEX).sum() if class_weights is None else \
+            pixel_weights(class_weights, target).sum()
         confusion.update(prediction, target)
         if on_prediction is not None:
             on_prediction(batch_index, prediction)
@@ -214,7 +222,8 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, a
 
 
 def warmup_poly(step: int, warmup: int, total: int, power: float) -> float:
-    """LR multiplier at ``step``: linear from 0.1 to 1 over ``warmup`` steps, then (1 - progress) ^ power to 0."""
+    """LR multiplier at ``step``: linear from 0.1 to 1 over ``warmup`` steps (none if 0), then
+    (1 - progress) ^ power to 0."""
     if step < warmup:
         return 0.1 + 0.9 * step / warmup
     return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** power
@@ -238,8 +247,15 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, steps_per_e
     resume restores the schedule exactly on any torch version (SequentialLR's restore has varied)."""
     optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
     total = args.epochs * steps_per_epoch
-    warmup = min(max(1, round(args.warmup_epochs * steps_per_epoch)), total - 1)
+    warmup = min(round(args.warmup_epochs * steps_per_epoch), total - 1)  # 0: the first step runs at the full LR
 
     def multiplier(step: int) -> float:
         return warmup_poly(step, warmup, total, args.poly_power)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def epoch_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int, steps_per_epoch: int) -> float:
+    """The mean learning rate of epoch ``epoch``'s steps (0-based), the rate metrics.csv logs for the epoch: the
+    scheduler's rate after the epoch is already the next one's first."""
+    steps = range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+    return scheduler.base_lrs[0] * sum(scheduler.lr_lambdas[0](step) for step in steps) / steps_per_epoch

@@ -229,13 +229,16 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
     workers = runtime.worker_count(args.workers, ctx.world_size)
     common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
                   multiprocessing_context=WORKER_START if workers > 0 else None)
-    train_loader = runtime.StopSafeLoader(train_set, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=True),
-                              generator=loader_generator(args, ctx, 0), **common)
-    val_loader = runtime.StopSafeLoader(val_set, batch_sampler=val_batches, generator=loader_generator(args, ctx, 1), **common)
+    train_loader = runtime.StopSafeLoader(train_set, batch_sampler=BatchSampler(sampler, args.batch_size,
+                                                                                drop_last=True),
+                                          generator=loader_generator(args, ctx, 0), **common)
+    val_loader = runtime.StopSafeLoader(val_set, batch_sampler=val_batches, generator=loader_generator(args, ctx, 1),
+                                        **common)
     source = "split from the run folder" if state is not None else split_source(args.dataset, args.data_root,
                                                                                   args.split_dir)
-    summary = (f"{args.dataset} layout: {len(train_set)} train / {len(val_set)} val images ({source}), crop {crop[0]}x{crop[1]}, "
-               f"{workers} loader workers; {describe_cache(train_set, 'train')}, {describe_cache(val_set, 'val')}")
+    summary = (f"{args.dataset} layout: {len(train_set)} train / {len(val_set)} val images ({source}), crop "
+               f"{crop[0]}x{crop[1]}, {workers} loader workers; {describe_cache(train_set, 'train')}, "
+               f"{describe_cache(val_set, 'val')}")
     if weights is not None:
         summary += f"\nclass weights ({args.class_weights}): " + " ".join(
             f"{name} {w:.2f}" for name, w in zip(label_set.class_names, weights.tolist()))

@@ -112,9 +112,11 @@ def evaluation_report(confusion: np.ndarray, label_set: LabelSet) -> dict:
     report["class_names"] = label_set.class_names
     if label_set.class_to_train_id is None:
         report["benchmark_mIoU"], report["benchmark_iou"], report["category_iou"] = report["mIoU"], report["iou"], {}
+        report["benchmark_pixel_acc"] = report["pixel_acc"]
         return report
     benchmark = benchmark_confusion(confusion, label_set)
     benchmark_summary = summarize(benchmark)
     report["benchmark_mIoU"], report["benchmark_iou"] = benchmark_summary["mIoU"], benchmark_summary["iou"]
+    report["benchmark_pixel_acc"] = benchmark_summary["pixel_acc"]  # over the benchmark's pixels, as its mIoU
     report["category_iou"] = dict(zip(CATEGORIES, iou_per_class(category_confusion(benchmark))))
     return report

@@ -27,10 +27,13 @@ CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at th
 
 def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float, report: dict, val_seconds: float,
                  device: torch.device) -> dict:
-    """One row of metrics.csv (and of class_iou.csv); val_mIoU is the benchmark mIoU: the 19 Cityscapes classes in
-    both Cityscapes label sets, a class table's own classes otherwise."""
+    """One row of metrics.csv (and of class_iou.csv). Its val_mIoU and pixel_acc describe one class set, the
+    benchmark's: the 19 Cityscapes classes in both Cityscapes label sets (the 34 ids' pixel accuracy would count
+    unlabeled and ego-vehicle pixels that the mIoU ignores), a class table's own classes otherwise. class_iou.csv
+    holds each class of the run's own label set, named in its header. ``lr`` is the mean rate of the epoch's steps."""
     return {"epoch": epoch, "lr": lr, "train_loss": progress.loss_sum / max(progress.step, 1), "val_loss": val_loss,
-            "val_mIoU": report["benchmark_mIoU"], "pixel_acc": report["pixel_acc"], "seconds": progress.seconds,
+            "val_mIoU": report["benchmark_mIoU"], "pixel_acc": report["benchmark_pixel_acc"],
+            "seconds": progress.seconds,
             "data_wait": progress.data_wait / max(progress.seconds, 1e-9), "val_seconds": val_seconds,
             "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0,
             "class_iou": [None if np.isnan(iou) else round(float(iou), 6) for iou in report["iou"]]}  # None: absent

@@ -193,6 +193,11 @@ def _end_workers() -> None:
         iterator._shutdown_workers()
 
 
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """How a model is run, for logs and reports: float32, or autocast's reduced type."""
+    return "float32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast"
+
+
 class StopRequest:
     """Context manager that installs the handlers and restores the previous ones on exit."""
 

@@ -14,8 +14,8 @@ from typing import Callable
 from labels import LABEL_SETS
 from model import ARCHS
 from segmentation import UserError, quoted
-from segmentation.checkpoint import load_checkpoint, require_training_state
 from segmentation.augmentation import PHOTOMETRIC_LEVELS
+from segmentation.checkpoint import load_checkpoint, require_training_state
 from segmentation.layouts import DATASETS
 from segmentation.loading import WEIGHTINGS
 
