@@ -209,12 +209,14 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
     scored once over all ranks), labels as ``label_set``'s classes."""
     split = run_split(args, run_dir, resuming=state is not None)
     crop, base = crop_and_base_size(args)
-    # each process holds its own cache: the default budget (half the free memory) is shared by a node's processes
+    # each process holds its own cache: the default budget (half the free memory) is shared by a node's processes;
+    # one budget per process, train's images first, val's in what is left
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cache = default_cache_gb() / local_processes if args.cache_gb is None else args.cache_gb
     train_set = SegmentationDataset(args.dataset, args.data_root, split["train"], label_set,
                                     train_augmentation(crop, base, photometric=args.photometric), cache=cache)
-    val_set = SegmentationDataset(args.dataset, args.data_root, split["val"], label_set, cache=cache)
+    left = max(0.0, cache - (train_set.decoded_gb if train_set.cached else 0.0))
+    val_set = SegmentationDataset(args.dataset, args.data_root, split["val"], label_set, cache=left)
     if len(train_set) < args.batch_size * ctx.world_size:
         raise UserError(f"{args.data_root}: {len(train_set)} training images are fewer than one batch "
                         f"({args.batch_size} x {ctx.world_size} processes); lower --batch-size")

@@ -19,7 +19,8 @@ from segmentation.checkpoint import load_checkpoint, require_training_state
 from segmentation.layouts import DATASETS
 from segmentation.loading import WEIGHTINGS
 
-RESUMABLE_FLAGS = {"resume", "device", "workers", "data_root", "deterministic"}  # where and how it runs, not what
+# where and how it runs, not what: a resume may change these (a smaller machine, another log rate)
+RESUMABLE_FLAGS = {"resume", "device", "workers", "data_root", "deterministic", "cache_gb", "log_every"}
 
 
 def readable(kind: type) -> Callable[[str], object]:

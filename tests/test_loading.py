@@ -96,3 +96,15 @@ def test_batched_validation_equals_one_image_at_a_time(synthetic_root):
                                                     for loader in (batched, one_by_one))
     assert len(batched) == 2 and (confusion_a.matrix == confusion_b.matrix).all()
     assert abs(loss_a - loss_b) < 1e-6 * abs(loss_b)
+
+
+def test_one_cache_budget_holds_train_first_and_val_in_what_is_left(synthetic_root, tmp_path):
+    def loaders(cache_gb: float):
+        args = main.parse_args(["--no-pretrained", "--data-root", str(synthetic_root), "--workers", "0",
+                                "--cache-gb", str(cache_gb), "--batch-size", "2"])
+        return make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path, get_label_set("train"))
+    whole = loaders(1.0)
+    train_gb, val_gb = whole.train_loader.dataset.decoded_gb, whole.val_loader.dataset.decoded_gb
+    assert whole.train_loader.dataset.cached and whole.val_loader.dataset.cached
+    tight = loaders(train_gb + val_gb / 2)  # each fits alone, not both
+    assert tight.train_loader.dataset.cached and not tight.val_loader.dataset.cached
