@@ -228,7 +228,7 @@ def train(args: argparse.Namespace) -> Path:
                 finished = train_one_epoch(net, train_step, batches, progress, stop, f"epoch {epoch + 1}/{args.epochs}",
                                            args.log_every, ctx.is_main)
             except NonFiniteLoss as error:
-                raise UserError(f"{error} in epoch {epoch + 1}; {kept_checkpoint(checkpoints, run_dir)}; lower --lr, "
+                raise UserError(f"{error} in epoch {epoch + 1}; {kept_checkpoint(checkpoints, run_dir, ctx)}; lower --lr, "
                                 "or try --no-amp") from None
             if not finished:  # Ctrl-C or SIGTERM inside the epoch
                 stopped = f"at epoch {epoch + 1} step {progress.step}"
@@ -240,18 +240,20 @@ def train(args: argparse.Namespace) -> Path:
             start = time.perf_counter()
             confusion, val_loss = evaluate(model, data.val_loader, label_set.num_classes, ctx.device, amp_dtype,
                                            show=ctx.is_main, class_weights=class_weights)
+            # every rank holds the summed confusion matrix and rank 0's weights, so every rank makes the same checks
+            # and stops with the same line (a check on rank 0 alone left the others waiting in a collective)
+            report = evaluation_report(confusion.matrix, label_set)
+            if runtime.on_any_rank(math.isnan(report["benchmark_mIoU"]), ctx.device):
+                raise UserError(f"{args.data_root}: the validation images hold no pixel of a scored class "
+                                "(every label is ignored or void), so no model can be scored; check the val labels")
+            broken = runtime.first_found(non_finite(model))  # e.g. BatchNorm statistics overflowed, the loss finite
+            if broken:
+                raise UserError(f"epoch {epoch + 1} left {broken} with NaN or infinite values; "
+                                f"{kept_checkpoint(checkpoints, run_dir, ctx)}; lower --lr, or try --no-amp")
             if ctx.is_main:
-                report = evaluation_report(confusion.matrix, label_set)
-                if math.isnan(report["benchmark_mIoU"]):
-                    raise UserError(f"{args.data_root}: the validation images hold no pixel of a scored class "
-                                    "(every label is ignored or void), so no model can be scored; check the val labels")
                 lr = epoch_lr(scheduler, epoch, steps_per_epoch)
                 history.append(epoch_record(epoch + 1, lr, trained, val_loss, report, time.perf_counter() - start,
                                             ctx.device))
-                broken = non_finite(model)  # e.g. BatchNorm statistics overflowed while the loss still looked finite
-                if broken:
-                    raise UserError(f"epoch {epoch + 1} left {broken} with NaN or infinite values; "
-                                    f"{kept_checkpoint(checkpoints, run_dir)}; lower --lr, or try --no-amp")
                 is_best, best_miou = report["benchmark_mIoU"] > best_miou, max(best_miou, report["benchmark_mIoU"])
                 checkpoints.submit(snapshot(epoch + 1), run_dir / "last.pt", run_dir / "best.pt" if is_best else None)
                 history_writer.write(history, final=epoch + 1 == args.epochs)
@@ -311,13 +313,16 @@ def make_model(args: argparse.Namespace, ctx: runtime.Context, label_set: LabelS
     return model
 
 
-def kept_checkpoint(checkpoints: CheckpointWriter, run_dir: Path) -> str:
-    """What the run folder keeps after training diverged: the last finite epoch's last.pt, or nothing."""
-    checkpoints.wait()
-    last = run_dir / "last.pt"
-    if not last.is_file():
-        return "no checkpoint was saved before it"
-    return f"{last} keeps epoch {load_checkpoint(last)['epoch']}, the last whose weights were finite"
+def kept_checkpoint(checkpoints: CheckpointWriter, run_dir: Path, ctx: runtime.Context) -> str:
+    """What the run folder keeps after training diverged: the last finite epoch's last.pt, or nothing. Rank 0
+    writes the checkpoints, so it says, and every rank (all call this together) prints the same line."""
+    def kept() -> str:
+        checkpoints.wait()
+        last = run_dir / "last.pt"
+        if not last.is_file():
+            return "no checkpoint was saved before it"
+        return f"{last} keeps epoch {load_checkpoint(last)['epoch']}, the last whose weights were finite"
+    return runtime.on_main_rank(ctx, kept)
 
 
 def describe(args, model, label_set, data_summary: str, ctx: runtime.Context, run_dir: Path) -> str:

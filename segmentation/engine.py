@@ -19,7 +19,7 @@ from tqdm import tqdm
 from data_preprocessing import normalize
 from labels import IGNORE_INDEX
 from segmentation.metrics import ConfusionMatrix
-from segmentation.runtime import StopRequest
+from segmentation.runtime import StopRequest, on_any_rank
 
 BAND_ROWS = 32  # rows of an image scored at a time on the CPU (score_batch)
 
@@ -98,8 +98,8 @@ def train_one_epoch(model: nn.Module, train_step: Callable[[torch.Tensor, torch.
         stopped = stop is not None and stop.agreed(at_boundary)
         if at_boundary or stopped:
             window_loss, pending_loss = pending_loss.item(), None
-            if not math.isfinite(window_loss):
-                raise NonFiniteLoss(f"training loss became {window_loss} at step {progress.step}")
+            if on_any_rank(not math.isfinite(window_loss), loss.device):  # every rank reaches a boundary together
+                raise NonFiniteLoss(f"training loss became NaN or infinite by step {progress.step}")
             progress.loss_sum += window_loss
             now = time.perf_counter()
             line.update(window_steps, {"loss": f"{progress.loss_sum / progress.step:.4f}",

@@ -193,6 +193,25 @@ def _end_workers() -> None:
         iterator._shutdown_workers()
 
 
+def on_any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any DDP rank (on this process alone without DDP). Every rank must call it at the
+    same point: a failure one rank sees then stops them all, instead of leaving the others in a collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def first_found(found: str) -> str:
+    """The lowest rank's non-empty ``found`` (e.g. the name of a broken tensor), on every rank; all call it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return found
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, found)
+    return next((value for value in everyone if value), "")
+
+
 def precision_name(amp_dtype: torch.dtype | None) -> str:
     """How a model is run, for logs and reports: float32, or autocast's reduced type."""
     return "float32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast"

@@ -139,3 +139,28 @@ def test_ddps_wrapper_is_freed_before_the_process_group_is_left(torchrun_probe):
     """Freed after the group, DDP's reducer destroyed it holding the GIL: torchrun runs hung at exit under
     torch 2.11 (gloo)."""
     assert torchrun_probe["wrapper_alive_at_cleanup"] == [False, False]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, rank", [("loss", 1), ("weights", 0), ("miou", 0)])
+def test_a_failure_one_rank_sees_stops_every_rank_promptly_with_the_same_line(synthetic_root, tmp_path, fault, rank):
+    """Two gloo ranks started as another launcher (mpirun, srun) starts them: no torchrun to tear the others down, so
+    a rank left waiting in a collective would hang until the process group's timeout (the test's timeout here)."""
+    port = free_port()
+    flags = ["--no-pretrained", "--device", "cpu", "--epochs", "2", "--batch-size", "2", "--crop-size", "64",
+             "--workers", "0", "--log-every", "1", "--data-root", str(synthetic_root), "--out", str(tmp_path / "run")]
+    processes = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_probe.py"), *flags], cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+                                       "MASTER_PORT": str(port), "RANK": str(r), "LOCAL_RANK": str(r),
+                                       "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "FAULT_PROBE": fault,
+                                       "FAULT_PROBE_RANK": str(rank)})
+                 for r in range(2)]
+    try:
+        outcomes = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    last_lines = [stderr.strip().splitlines()[-1] if stderr.strip() else "" for _, stderr in outcomes]
+    assert [process.returncode for process in processes] == [1, 1], last_lines
+    assert last_lines[0] == last_lines[1] and last_lines[0].startswith("error: "), last_lines
