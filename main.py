@@ -50,6 +50,7 @@ from segmentation.loading import WEIGHTINGS, StartedEpoch, make_loaders
 from segmentation.metrics import evaluation_report
 from segmentation.records import (
     HistoryWriter,
+    TensorBoardLog,
     claimed_run_dir,
     epoch_line,
     epoch_record,
@@ -216,6 +217,7 @@ def train(args: argparse.Namespace) -> Path:
 
     # 5. epochs: train, validate on full images, then (rank 0) metrics.csv, last.pt and best.pt, the log line
     checkpoints, history_writer, stopped = CheckpointWriter(), HistoryWriter(run_dir, label_set.class_names), None
+    tensorboard = TensorBoardLog(run_dir, label_set)  # event files where the tensorboard package is installed
     batches = StartedEpoch(data.train_loader, data.sampler, start_epoch, skip=progress.step * args.batch_size)
     # the folder is made only now that data, model and resume state are checked; rank 0 holds its lock till the end
     with claimed_run_dir(ctx, run_dir, new=state is None), runtime.StopRequest(ctx.device, ctx.world_size) as stop:
@@ -239,7 +241,9 @@ def train(args: argparse.Namespace) -> Path:
             runtime.broadcast_buffers(model)  # every rank scores (and rank 0 saves) rank 0's BatchNorm statistics
             start = time.perf_counter()
             confusion, val_loss = evaluate(model, data.val_loader, label_set.num_classes, ctx.device, amp_dtype,
-                                           show=ctx.is_main, class_weights=class_weights)
+                                           show=ctx.is_main, class_weights=class_weights,
+                                           on_prediction=tensorboard.keep_overlays(data.val_loader) if ctx.is_main
+                                           else None)
             # every rank holds the summed confusion matrix and rank 0's weights, so every rank makes the same checks
             # and stops with the same line (a check on rank 0 alone left the others waiting in a collective)
             report = evaluation_report(confusion.matrix, label_set)
@@ -257,6 +261,7 @@ def train(args: argparse.Namespace) -> Path:
                 is_best, best_miou = report["benchmark_mIoU"] > best_miou, max(best_miou, report["benchmark_mIoU"])
                 checkpoints.submit(snapshot(epoch + 1), run_dir / "last.pt", run_dir / "best.pt" if is_best else None)
                 history_writer.write(history, final=epoch + 1 == args.epochs)
+                tensorboard.epoch(history[-1])
                 print(epoch_line(history[-1], args.epochs, is_best), flush=True)
             if stop.agreed() and epoch + 1 < args.epochs:  # a signal during validation: stop after the epoch
                 stopped = f"after epoch {epoch + 1}"
@@ -264,6 +269,7 @@ def train(args: argparse.Namespace) -> Path:
 
         # 6. the last write finishes (or its error is raised); an interrupted run saves where it stands, and exits 130
         checkpoints.wait()
+        tensorboard.close()
         if stopped and ctx.is_main:
             if progress.step:  # inside an epoch: the finished steps are saved now
                 save_checkpoint(snapshot(epoch), run_dir / "last.pt")

@@ -1,25 +1,29 @@
 """What a run leaves in its folder besides checkpoints: the folder itself, metrics.csv and curves.png each epoch
-(with its log line), and the confusion picture of an evaluation."""
+(with its log line), TensorBoard event files where the tensorboard package is installed, and the confusion picture
+of an evaluation."""
 from __future__ import annotations
 
 import csv
 import fcntl
+import importlib.util
 import os
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # a Figure made directly draws to files only: no GUI backend, no pyplot state
 
+from labels import LabelSet, colorize
 from segmentation import UserError, quoted, runtime
 from segmentation.checkpoint import write_failure
 from segmentation.engine import EpochProgress
 
 STARTUP_FILES = {".lock", "train.txt", "val.txt", "metrics.csv", "class_iou.csv", "curves.png"}  # all but checkpoints
+EVENT_FILES = "events.out.tfevents."  # TensorBoard's file names start so; a run's first ones count as startup files
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
                   "val_seconds", "peak_gpu_mb")
 CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at the end): matplotlib is slow
@@ -58,7 +62,8 @@ def started_only(folder: Path) -> bool:
     """Whether ``folder`` holds nothing, or only what a run writes besides checkpoints, and no last.pt: a run
     killed before its first checkpoint landed (even while writing it: a hidden .tmp file) left nothing to keep,
     so the same command may start again there."""
-    names = {p.name for p in folder.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))}
+    names = {p.name for p in folder.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))
+             and not p.name.startswith(EVENT_FILES)}
     return names <= STARTUP_FILES
 
 
@@ -105,6 +110,59 @@ def claim_run_dir(folder: Path, new: bool) -> IO:
         lock.close()
         refuse_taken(folder)
     return lock
+
+
+class TensorBoardLog:
+    """Each epoch's scalars (losses, lr, val mIoU and pixel accuracy, each class's val IoU) and a few val overlays
+    as TensorBoard event files in the run folder, so that ``tensorboard --logdir runs`` overlays every run's curves.
+    Only where the ``tensorboard`` package is installed (pip install tensorboard); without it, nothing is written."""
+
+    NUM_OVERLAYS = 2
+
+    def __init__(self, run_dir: Path, label_set: LabelSet):
+        self.run_dir, self.label_set, self.writer, self.overlays = run_dir, label_set, None, []
+        self.available = importlib.util.find_spec("tensorboard") is not None
+
+    def keep_overlays(self, loader) -> Callable[[int, torch.Tensor], None] | None:
+        """``evaluate``'s ``on_prediction`` for one validation pass over ``loader``: keeps the first images'
+        predictions as overlays for the next ``epoch``; None without tensorboard."""
+        if not self.available:
+            return None
+        self.overlays = []
+
+        def keep(batch_index: int, prediction: torch.Tensor) -> None:
+            for index, classes in zip(loader.batch_sampler.batches[batch_index], prediction):
+                if len(self.overlays) < self.NUM_OVERLAYS:
+                    self.overlays.append(val_overlay(loader.dataset[index][0], classes, self.label_set))
+        return keep
+
+    def epoch(self, row: dict) -> None:
+        """Log one metrics.csv ``row`` at step = its epoch, and the overlays kept during its validation."""
+        if not self.available:
+            return
+        if self.writer is None:  # made at the first epoch's end, so a run refused at its start leaves no file
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.run_dir))
+        step = row["epoch"]
+        for tag, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("lr", "lr"),
+                         ("val/mIoU", "val_mIoU"), ("val/pixel_acc", "pixel_acc")):
+            self.writer.add_scalar(tag, row[key], step)
+        for name, iou in zip(self.label_set.class_names, row["class_iou"]):
+            if iou is not None:  # None: the class is absent from val
+                self.writer.add_scalar(f"val_iou/{name}", iou, step)
+        for index, picture in enumerate(self.overlays):
+            self.writer.add_image(f"val_overlay/{index}", picture, step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def val_overlay(image: torch.Tensor, classes: torch.Tensor, label_set: LabelSet) -> np.ndarray:
+    """A (3, H, W) uint8 image with its (H, W) predicted classes blended over it half and half, (H, W, 3) uint8."""
+    picture = image.permute(1, 2, 0).numpy().astype(np.uint16)
+    return ((picture + colorize(classes.cpu().numpy(), label_set)) // 2).astype(np.uint8)
 
 
 class HistoryWriter:

@@ -324,3 +324,20 @@ def test_a_run_with_an_auxiliary_head_resumes_mid_epoch_to_the_unbroken_weights(
     assert_same_weights(resumed["model"], unbroken["model"])
     assert_same_weights(resumed["aux_head"], unbroken["aux_head"])
     assert not any(key.startswith("head") for key in resumed["model"])  # test.py and export.py load it as an FCN
+
+
+def test_tensorboard_event_files_hold_each_epochs_scalars_and_overlays_as_metrics_csv(trained_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(trained_run), size_guidance={"images": 0, "scalars": 0}).Reload()
+    rows = list(csv.DictReader(open(trained_run / "metrics.csv")))
+    for tag, column in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("lr", "lr"), ("val/mIoU", "val_mIoU"),
+                        ("val/pixel_acc", "pixel_acc")):
+        logged = events.Scalars(tag)
+        assert [event.step for event in logged] == [int(row["epoch"]) for row in rows]
+        assert [event.value for event in logged] == pytest.approx([float(row[column]) for row in rows], rel=1e-6)
+    ious = list(csv.DictReader(open(trained_run / "class_iou.csv")))
+    road = [event.value for event in events.Scalars("val_iou/road")]
+    assert road == pytest.approx([float(row["road"]) for row in ious], rel=1e-6)
+    overlays = events.Images("val_overlay/0")
+    assert [image.step for image in overlays] == [1, 2] and overlays[0].width == 320  # a whole val frame
