@@ -230,8 +230,8 @@ def train(args: argparse.Namespace) -> Path:
                 finished = train_one_epoch(net, train_step, batches, progress, stop, f"epoch {epoch + 1}/{args.epochs}",
                                            args.log_every, ctx.is_main)
             except NonFiniteLoss as error:
-                raise UserError(f"{error} in epoch {epoch + 1}; {kept_checkpoint(checkpoints, run_dir, ctx)}; lower --lr, "
-                                "or try --no-amp") from None
+                raise UserError(f"{error} in epoch {epoch + 1}; {kept_checkpoint(checkpoints, run_dir, ctx)}; "
+                                "lower --lr, or try --no-amp") from None
             if not finished:  # Ctrl-C or SIGTERM inside the epoch
                 stopped = f"at epoch {epoch + 1} step {progress.step}"
                 break
