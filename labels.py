@@ -9,7 +9,8 @@ A ``LabelSet`` is what a model predicts, chosen in one place (``get_label_set``)
   (license plate) cannot occur in an 8-bit label PNG; ids 34..254 are not in the table and are rejected
   by the data loader; 255 is ignored.
 - a class table file, a CSV a person writes by hand, one row per label value (any values 0..254, in any order,
-  with gaps); rows marked void are ignored like 255::
+  with gaps); rows marked void are ignored like 255. It may come from a spreadsheet: UTF-8 (with a byte-order
+  mark or without), UTF-16 or Windows-1252, separated by commas, semicolons or tabs, headers in any case::
 
       value,name,r,g,b,void
       0,sky,128,128,128,
@@ -154,36 +155,99 @@ LABEL_SETS = {
     "full": _make_label_set("full", tuple(ID_TO_LABEL[i] for i in VALID_IDS)),
 }
 TABLE_HELP = "a CSV file with the header value,name,r,g,b[,void] and one row per label value"
+TABLE_COLUMNS = ("value", "name", "r", "g", "b", "void")
+VOID_YES, VOID_NO = {"yes", "y", "true", "1", "void", "x"}, {"", "no", "n", "false", "0"}
+
+
+def table_text(path: Path) -> str:
+    """A class table's text as spreadsheets and editors save it: UTF-8 with or without a byte-order mark, UTF-16
+    with one (Excel's "Unicode Text"), else Windows-1252 (Excel's plain "CSV" on Western systems)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"--label-set {path}: cannot be read ({error.strerror}); give {TABLE_HELP}") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace")
+
+
+def table_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
+    """``(line number, {column: stripped cell})`` of each row. The separator is the header's: comma, semicolon
+    (spreadsheets in locales with a decimal comma) or tab; header names are matched without case or spaces; blank,
+    comment (#) and all-empty rows (a spreadsheet's ",,,,") are skipped; every other mismatch is refused."""
+    lines = [(number, line) for number, line in enumerate(table_text(path).splitlines(), 1)
+             if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise UserError(f"--label-set {path}: the file is empty; give {TABLE_HELP}")
+    header_line = lines[0][1]
+    delimiter = max(",;\t", key=header_line.count)
+    parsed = csv.reader([line for _, line in lines], delimiter=delimiter)
+    header = [cell.strip().lower() for cell in next(parsed)]
+    unknown = [name for name in header if name not in TABLE_COLUMNS]
+    if unknown or not set(TABLE_COLUMNS[:5]) <= set(header) or len(set(header)) < len(header):
+        problem = f"column {unknown[0]!r} is not one of" if unknown else "the header must name each of"
+        raise UserError(f"--label-set {path}, line {lines[0][0]}: {problem} {','.join(TABLE_COLUMNS)} once "
+                        f"(void optional); give {TABLE_HELP}")
+    rows = []
+    for (number, _), cells in zip(lines[1:], parsed):
+        if not any(cell.strip() for cell in cells):
+            continue
+        if len(cells) != len(header):
+            raise UserError(f"{path}, line {number}: {len(cells)} cells where the header has {len(header)}; a name "
+                            f"that holds a {delimiter!r} needs quotes")
+        rows.append((number, {name: cell.strip() for name, cell in zip(header, cells)}))
+    return rows
+
+
+def table_row(path: Path, number: int, row: dict[str, str]) -> tuple[int, str, tuple[int, int, int], bool]:
+    """(value, name, (r, g, b), void) of one row, each checked."""
+    try:
+        value, color = int(row["value"]), tuple(int(row[c]) for c in "rgb")
+    except ValueError:
+        raise UserError(f"{path}, line {number}: value, r, g and b must be whole numbers") from None
+    if not 0 <= value < IGNORE_INDEX or not all(0 <= c <= 255 for c in color):
+        raise UserError(f"{path}, line {number}: value {value} must be in 0..254 (255 is always ignored), and r, g, "
+                        "b in 0..255")
+    void = row.get("void", "").lower()
+    if void not in VOID_YES | VOID_NO:
+        raise UserError(f"{path}, line {number}: void is {row['void']!r}; write yes for a void row, or leave it empty")
+    if not row["name"]:
+        raise UserError(f"{path}, line {number}: the name is empty; every row needs one")
+    return value, row["name"], color, void in VOID_YES
+
+
+def repeated(path: Path, what: str, lines_of: dict[object, list[int]]) -> None:
+    """Refuse a value or name that more than one row holds, naming its lines."""
+    for key, lines in lines_of.items():
+        if len(lines) > 1:
+            raise UserError(f"{path}: {what} {key} is on lines {', '.join(map(str, lines))}; keep one row for each")
 
 
 def read_class_table(path: Path) -> LabelSet:
-    """A class table file (see the module docstring) as a LabelSet; a mistake in it is one line naming the row."""
+    """A class table file (see the module docstring) as a LabelSet; it reads as meant or is refused in one line
+    naming the line or column (``table_rows``, ``table_row``)."""
     path = Path(path)
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(line for line in f if line.strip() and not line.lstrip().startswith("#")))
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"--label-set {path}: cannot be read ({error}); give {TABLE_HELP}") from None
-    if not rows or not {"value", "name", "r", "g", "b"} <= set(rows[0]):
-        raise UserError(f"--label-set {path}: not a class table; give {TABLE_HELP}")
-    values, classes, value_colors = set(), [], np.zeros((256, 3), np.uint8)
-    id_to_class, known = np.full(256, IGNORE_INDEX, dtype=np.uint8), np.zeros(256, bool)
-    known[IGNORE_INDEX] = True
-    for line, row in enumerate(rows, 2):
-        try:
-            value, color = int(row["value"]), tuple(int(row[c]) for c in "rgb")
-        except (TypeError, ValueError):
-            raise UserError(f"{path}, line {line}: value, r, g and b must be whole numbers") from None
-        if not 0 <= value < IGNORE_INDEX or value in values or not all(0 <= c <= 255 for c in color):
-            raise UserError(f"{path}, line {line}: value {value} must be new and in 0..254 (255 is always ignored), "
-                            "and r, g, b in 0..255")
-        values.add(value)
-        known[value], value_colors[value] = True, color
-        if (row.get("void") or "").strip().lower() not in ("yes", "true", "1", "void"):
-            id_to_class[value] = len(classes)
-            classes.append((value, row["name"].strip(), color))
+    rows = [(number, *table_row(path, number, row)) for number, row in table_rows(path)]
+    value_lines, name_lines = {}, {}
+    for number, value, name, _, void in rows:
+        value_lines.setdefault(value, []).append(number)
+        if not void:
+            name_lines.setdefault(repr(name), []).append(number)
+    repeated(path, "value", value_lines)
+    repeated(path, "class name", name_lines)
+    classes = [(value, name, color) for _, value, name, color, void in rows if not void]
     if not classes:
         raise UserError(f"{path}: every row is void; a table needs at least one class to learn")
+    value_colors, id_to_class, known = np.zeros((256, 3), np.uint8), np.full(256, IGNORE_INDEX, np.uint8), \
+        np.zeros(256, bool)
+    known[IGNORE_INDEX] = True
+    for _, value, _, color, _ in rows:
+        known[value], value_colors[value] = True, color
+    for index, (value, _, _) in enumerate(classes):
+        id_to_class[value] = index
     return LabelSet(path.name, tuple(name for _, name, _ in classes), np.array([v for v, _, _ in classes], np.uint8),
                     id_to_class, known, np.array([c for _, _, c in classes], np.uint8), value_colors, None,
                     f"class table {path}")

@@ -66,8 +66,8 @@ def test_a_class_table_maps_non_contiguous_values_and_ignores_its_void_rows(tmp_
     assert table.class_to_train_id is None and table.colors[0].tolist() == [0, 0, 142]
 
 
-@pytest.mark.parametrize("text, message", [("value,name\n1,a\n", "not a class table"),
-                                           ("value,name,r,g,b\n1,a,0,0,0\n1,b,1,1,1\n", "line 3: value 1 must be new"),
+@pytest.mark.parametrize("text, message", [("value,name\n1,a\n", "line 1: the header must name each of"),
+                                           ("value,name,r,g,b\n1,a,0,0,0\n1,b,1,1,1\n", "value 1 is on lines 2, 3"),
                                            ("value,name,r,g,b\n255,a,0,0,0\n", "in 0..254"),
                                            ("value,name,r,g,b\nx,a,0,0,0\n", "line 2: value, r, g and b must be whole"),
                                            ("value,name,r,g,b,void\n3,a,0,0,0,yes\n", "every row is void")])
@@ -75,6 +75,49 @@ def test_a_mistake_in_a_class_table_is_one_line_naming_the_row(tmp_path, text, m
     (tmp_path / "t.csv").write_text(text)
     with pytest.raises(UserError, match=message):
         get_label_set(str(tmp_path / "t.csv"))
+
+
+SHEET = [("value", "name", "r", "g", "b", "void"), ("200", "car", "0", "0", "142", ""),
+         ("0", "sky", "70", "130", "180", ""), ("77", "Straße", "1", "2", "3", "yes"), ("5", "road", "128", "64", "128", "")]
+
+
+@pytest.mark.parametrize("written_as", ["excel utf-8", "excel unicode text", "excel western", "libreoffice german",
+                                        "hand edit"])
+def test_a_class_table_reads_as_meant_however_a_spreadsheet_or_editor_wrote_it(tmp_path, written_as):
+    """The same table as Excel's "CSV UTF-8" (byte-order mark, CRLF, trailing empty rows), its "Unicode Text" (UTF-16,
+    tabs), its plain "CSV" (Windows-1252), LibreOffice in a decimal-comma locale (semicolons, quoted text) and a
+    hand edit (capitalised header, spaces after commas, a comment)."""
+    if written_as == "excel utf-8":
+        raw = "\r\n".join(",".join(row) for row in SHEET + [("",) * 6] * 2).encode("utf-8-sig") + b"\r\n"
+    elif written_as == "excel unicode text":
+        raw = "\r\n".join("\t".join(row) for row in SHEET).encode("utf-16")
+    elif written_as == "excel western":
+        raw = "\r\n".join(",".join(row) for row in SHEET).encode("cp1252")
+    elif written_as == "libreoffice german":
+        raw = "\n".join(";".join(f'"{c}"' if not c.isdigit() else c for c in row) for row in SHEET).encode()
+    else:
+        rows = [", ".join(c.capitalize() if i == 0 else c for c in row) for i, row in enumerate(SHEET)]
+        raw = ("# my classes\n" + "\n".join(rows) + "\n").encode()
+    (tmp_path / "t.csv").write_bytes(raw)
+    table = read_class_table(tmp_path / "t.csv")
+    assert table.class_names == ("car", "sky", "road") and table.class_to_id.tolist() == VALUES.tolist()
+    assert table.known[77] and table.id_to_class[77] == 255  # Straße is void, whatever the encoding
+    assert table.colors[0].tolist() == [0, 0, 142]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("value,name,r,g,b,viod\n1,a,0,0,0,yes\n", "column 'viod' is not one of"),  # void misspelt: no row would be void
+    ("value,name,r,g,b,void\n1,a,0,0,0,maybe\n", "line 2: void is 'maybe'"),
+    ("value,name,r,g,b\n1,a,0,0\n", "line 2: 4 cells where the header has 5"),
+    ("value,name,r,g,b\n1,a,b,0,0,0\n", "line 2: 6 cells where the header has 5"),  # a name with a comma, unquoted
+    ("value,name,r,g,b\n1,a,0,0,0\n2,a,1,1,1\n", "class name 'a' is on lines 2, 3"),
+    ("value;name;r;g;b\n1;a;0;0;0\n\n# two\n1;b;0;0;0\n", "value 1 is on lines 2, 5"),
+    ("value,name,value,r,g,b\n1,a,1,0,0,0\n", "line 1: the header must name each of"),
+    ("", "the file is empty")])
+def test_what_a_class_table_cannot_mean_exactly_is_refused_naming_the_line_or_column(tmp_path, text, message):
+    (tmp_path / "t.csv").write_text(text)
+    with pytest.raises(UserError, match=message):
+        read_class_table(tmp_path / "t.csv")
 
 
 def direct_miou(root, names, predictions) -> float:
