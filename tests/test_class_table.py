@@ -78,7 +78,8 @@ def test_a_mistake_in_a_class_table_is_one_line_naming_the_row(tmp_path, text, m
 
 
 SHEET = [("value", "name", "r", "g", "b", "void"), ("200", "car", "0", "0", "142", ""),
-         ("0", "sky", "70", "130", "180", ""), ("77", "Straße", "1", "2", "3", "yes"), ("5", "road", "128", "64", "128", "")]
+         ("0", "sky", "70", "130", "180", ""), ("77", "Straße", "1", "2", "3", "yes"),
+         ("5", "road", "128", "64", "128", "")]
 
 
 @pytest.mark.parametrize("written_as", ["excel utf-8", "excel unicode text", "excel western", "libreoffice german",
