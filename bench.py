@@ -34,6 +34,7 @@ from torchvision.models.segmentation import fcn_resnet50
 from data_preprocessing import KittiSemantics
 from labels import IGNORE_INDEX, get_label_set
 from model import ARCHS, ResNet18Trunk, build_model
+from segmentation import UserError, require, runtime
 from segmentation.augmentation import DATASET_DEFAULTS, train_augmentation
 from segmentation.engine import class_map, predict, score_batch
 from segmentation.layouts import list_labelled
@@ -270,7 +271,18 @@ def print_table(result: dict) -> None:
             print(f"{key:<36}{result[key]:.3f}" if isinstance(result[key], float) else f"{key:<36}{result[key]}")
 
 
-def main() -> None:
+def check(args: argparse.Namespace) -> None:
+    """Every number in range before anything is built, each mistake one line."""
+    require(args.batch_size >= 1, "--batch-size", args.batch_size, "1 or more")
+    require(all(32 <= side <= 4096 for side in args.crop_size), "--crop-size", args.crop_size,
+            "H W, each 32 to 4096 pixels")
+    require(args.workers >= 0, "--workers", args.workers, "0 or more")
+    require(args.steps >= 2, "--steps", args.steps, "2 or more: a ratio's spread needs two rounds")
+    require(args.warmup >= 0, "--warmup", args.warmup, "0 or more")
+    runtime.pick_device(args.device)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
@@ -285,9 +297,11 @@ def main() -> None:
     p.add_argument("--cityscapes", action="store_true", help="also time Cityscapes-size loading against a 512x1024 "
                    "train step (writes 24 full-size synthetic scenes first)")
     p.add_argument("--json", type=Path, help="also write the results here")
-    args = p.parse_args()
-    if args.steps < 2:
-        p.error("--steps must be at least 2: a ratio's spread needs two rounds")
+    args = p.parse_args(argv)
+    try:
+        check(args)
+    except UserError as error:
+        sys.exit(f"error: {error}")
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
     result = run(args)

@@ -26,7 +26,7 @@ import torch
 
 from data_preprocessing import ImageList, SegmentationDataset
 from labels import LabelSet, colorize
-from segmentation import UserError, os_error_line, runtime
+from segmentation import UserError, os_error_line, require, runtime
 from segmentation.checkpoint import load_model
 from segmentation.engine import ProgressLine, class_map, evaluate, predict
 from segmentation.layouts import ROOT_SPLITS, labelled_names, list_images, list_test_images
@@ -56,15 +56,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+MAX_SCALE = 4.0  # test-time scales beyond this are typing slips (75 for 0.75) that would allocate gigabytes
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Refuse meaningless values up front, each with one line naming the flag and the fix."""
-    if args.workers < 0:
-        raise UserError(f"--workers {args.workers} is not valid: use 0 or more")
-    if args.num_visuals < 0:
-        raise UserError(f"--num-visuals {args.num_visuals} is not valid: use 0 or more")
-    if any(scale <= 0 for scale in args.scales):
-        shown = " ".join(map(str, args.scales))
-        raise UserError(f"--scales {shown} is not valid: use positive factors, e.g. 0.75 1 1.25")
+    require(args.workers >= 0, "--workers", args.workers, "0 or more")
+    require(args.num_visuals >= 0, "--num-visuals", args.num_visuals, "0 or more")
+    require(all(0 < scale <= MAX_SCALE for scale in args.scales), "--scales", args.scales,
+            f"factors in (0, {MAX_SCALE:g}], e.g. 0.75 1 1.25 (fractions of the image size, not percentages)")
 
 
 class PredictionWriter:

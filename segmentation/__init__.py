@@ -29,6 +29,14 @@ OS_ERROR_FIXES = {
 }
 
 
+def require(valid: bool, flag: str, value: object, allowed: str) -> None:
+    """Refuse a command-line value outside its range, before anything is allocated or written: one line naming
+    the flag, the value given and what is allowed."""
+    if not valid:
+        shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        raise UserError(f"{flag} {shown} is not valid: use {allowed}")
+
+
 def quoted(path: Path) -> str:
     """``path`` as a shell word, so that a printed command can be pasted even when the path holds spaces."""
     return shlex.quote(str(path))

@@ -34,6 +34,9 @@ def readable(kind: type) -> Callable[[str], object]:
     return convert
 
 
+MAX_SIDE = 8192  # pixels: a crop or base size beyond it is a slip (an extra digit) that would exhaust any memory
+
+
 def whole(value: object, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
@@ -48,9 +51,10 @@ ACCEPTS = {
     "dataset": (lambda v: v in DATASETS, " | ".join(DATASETS)),
     "epochs": (lambda v: whole(v, 1), "a whole number, at least 1"),
     "batch_size": (lambda v: whole(v, 1), "a whole number, at least 1"),
-    "crop_size": (lambda v: v is None or (len(v) == 2 and all(whole(x, 32) for x in v)),
-                  "None, H or (H, W): whole numbers of pixels, each at least 32"),
-    "base_size": (lambda v: v is None or whole(v, 32), "None or a whole number of pixels, at least 32"),
+    "crop_size": (lambda v: v is None or (len(v) == 2 and all(whole(x, 32) and x <= MAX_SIDE for x in v)),
+                  f"None, H or (H, W): whole numbers of pixels, each 32 to {MAX_SIDE}"),
+    "base_size": (lambda v: v is None or (whole(v, 32) and v <= MAX_SIDE),
+                  f"None or a whole number of pixels, 32 to {MAX_SIDE}"),
     "lr": (lambda v: real(v) and v > 0, "a positive learning rate, e.g. 0.01"),
     "momentum": (lambda v: real(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.9"),
     "weight_decay": (lambda v: real(v) and v >= 0, "0 or more, e.g. 1e-4"),

@@ -139,6 +139,7 @@ def test_two_images_of_the_same_name_are_refused_before_one_overwrites_the_other
 
 def mistaken_inputs(root, run, tmp):
     """(command, argv, what the line says): each a mistake a new user makes, across every entry point."""
+    import bench
     import data_preprocessing
     import export
     (tmp / "not_a_folder.txt").write_text("x")
@@ -150,7 +151,8 @@ def mistaken_inputs(root, run, tmp):
     return [
         (main.main, train_argv(root, tmp / "not_a_folder.txt" / "run"), "is not a folder this user may write"),
         (main.main, train_argv(root, tmp / "out", "--label-set", str(tmp / "no.csv")), "use train, full, or a CSV"),
-        (main.main, train_argv(root, tmp / "out", "--label-set", str(tmp / "bad.csv")), "bad.csv: not a class table"),
+        (main.main, train_argv(root, tmp / "out", "--label-set", str(tmp / "bad.csv")),
+         "bad.csv, line 1: column 'id' is not one of value,name,r,g,b,void"),
         (main.main, train_argv(tmp / "nowhere", tmp / "out"), "does not exist"),
         (main.main, train_argv(root, tmp / "out", "--init-from", str(tmp / "missing.pt")), "missing.pt does not exist"),
         (main.main, train_argv(root, tmp / "out", "--backbone-weights", str(tmp / "weights.pt")),
@@ -169,7 +171,20 @@ def mistaken_inputs(root, run, tmp):
         (export.main, ["--checkpoint", checkpoint, "--out", str(tmp / "model.onnx")], "already exists; pass --force"),
         (data_preprocessing.main, ["--check", str(tmp / "nowhere")], "does not exist"),
         (data_preprocessing.main, ["--colour-labels", str(tmp / "empty"), str(tmp / "labels")], "holds no PNG files"),
-        (data_preprocessing.main, ["--check", str(root), "--label-set", str(tmp / "bad.csv")], "not a class table"),
+        (data_preprocessing.main, ["--check", str(root), "--label-set", str(tmp / "bad.csv")], "column 'id'"),
+        # numbers out of range, in every command, before anything is allocated or written
+        (main.main, train_argv(root, tmp / "out", "--crop-size", "32000"), "CROP_SIZE = (32000, 32000) (--crop-size)"),
+        (main.main, train_argv(root, tmp / "out", "--base-size", "37500"), "BASE_SIZE = 37500 (--base-size)"),
+        (evaluation.main, ["--checkpoint", checkpoint, "--scales", "75", "100"], "--scales 75.0 100.0 is not valid"),
+        (evaluation.main, ["--checkpoint", checkpoint, "--workers", "-1"], "--workers -1 is not valid"),
+        (data_preprocessing.main, ["--make-synthetic", str(tmp / "syn"), "--num", "-1"], "--num -1 is not valid"),
+        (data_preprocessing.main, ["--make-synthetic", str(tmp / "syn"), "--num-test", "-2"], "--num-test -2 is not"),
+        (data_preprocessing.main, ["--make-synthetic", str(tmp / "syn"), "--size", "100000", "100000"],
+         "--size 100000 100000 is not valid: use H W, each 60 to 4096"),
+        (bench.main, ["--batch-size", "0"], "--batch-size 0 is not valid"),
+        (bench.main, ["--crop-size", "320", "0"], "--crop-size 320 0 is not valid"),
+        (bench.main, ["--steps", "1"], "--steps 1 is not valid"),
+        (bench.main, ["--device", "cuda:7"], "--device cuda:7"),
     ]
 
 
