@@ -35,9 +35,9 @@ from data_preprocessing import KittiSemantics
 from labels import IGNORE_INDEX, get_label_set
 from model import ARCHS, ResNet18Trunk, build_model
 from segmentation import UserError, require, runtime
-from segmentation.augmentation import DATASET_DEFAULTS, train_augmentation
+from segmentation.augmentation import train_augmentation
 from segmentation.engine import class_map, predict, score_batch
-from segmentation.layouts import list_labelled
+from segmentation.layouts import get_layout, list_labelled
 from segmentation.loading import WORKER_START, SeededTrainSampler
 from segmentation.metrics import ConfusionMatrix
 from segmentation.runtime import worker_count
@@ -88,15 +88,15 @@ def cityscapes_loading(args, num_scenes: int = 24) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench-cityscapes-"))
     log(f"writing {num_scenes} synthetic 1024x2048 Cityscapes scenes")
     write_synthetic_cityscapes(root, num_train=num_scenes, num_val=1, seed=0, size=(1024, 2048))
-    defaults = DATASET_DEFAULTS["cityscapes"]
+    cityscapes = get_layout("cityscapes")
     dataset = SegmentationDataset("cityscapes", root, default_split_for("cityscapes", root)["train"] * 2, "train",
-                                  train_augmentation(defaults["crop_size"], defaults["base_size"]), cache=False)
+                                  train_augmentation(cityscapes.crop_size, cityscapes.base_size), cache=False)
     result = {}
     for workers in (args.workers, 2 * args.workers):
         log(f"Cityscapes loader, {workers} workers")
         result[f"cityscapes_loader_img_per_s_{workers}_workers"] = loader_rate(dataset, 8, workers, timed_epochs=1)
     device = torch.device(args.device)
-    step = Case(build_model("fcn16", 19, pretrained=False), 8, defaults["crop_size"], device, device.type == "cuda",
+    step = Case(build_model("fcn16", 19, pretrained=False), 8, cityscapes.crop_size, device, device.type == "cuda",
                 train=True)
     log("FCN-16s train step, 8x512x1024")
     step_seconds = statistics.median([seconds(step, device) for _ in range(args.warmup + 3)][args.warmup:])
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
     p.add_argument("--batch-size", type=int, default=8, help="training batch (default %(default)s, main.py's)")
-    p.add_argument("--crop-size", type=int, nargs=2, default=list(DATASET_DEFAULTS["kitti"]["crop_size"]),
+    p.add_argument("--crop-size", type=int, nargs=2, default=list(get_layout("kitti").crop_size),
                    metavar=("H", "W"), help="training crop (default: main.py's for KITTI, %(default)s)")
     p.add_argument("--workers", type=int, default=worker_count("auto", 1),
                    help="DataLoader workers (default: main.py's)")

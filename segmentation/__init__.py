@@ -11,7 +11,10 @@
     settings      main.py's settings: what each accepts, and what --resume lets change
     synthetic     procedurally drawn street scenes in KITTI's or Cityscapes' layout
 
-Data flows one way, disk -> data -> model -> loss/metrics -> checkpoint/report; nothing here imports a command.
+Data flows one way, disk -> data -> model -> loss/metrics -> checkpoint/report. The package builds on the three
+files at the root that a user edits for their own data and network (labels.py, data_preprocessing.py with the
+dataset, model.py) and never imports a command a user runs (main.py, test.py, export.py, bench.py), whose
+``main`` would otherwise run on import (tests/test_structure.py checks it).
 """
 
 import errno

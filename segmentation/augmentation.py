@@ -1,8 +1,8 @@
 """Joint image/label augmentation for training: random scale, crop with padding, flip, colour jitter.
 
-Each dataset scales relative to its own frame (``DATASET_DEFAULTS``). Labels stay aligned with their image:
-the image is resized bilinearly with centred pixels and the label with ``NEAREST_EXACT``, which samples the
-same centres, and crop padding is 0 in the image and 255 (ignore) in the label.
+Each dataset scales relative to its own frame (its layout's ``base_size`` and ``crop_size``, layouts.py). Labels
+stay aligned with their image: the image is resized bilinearly with centred pixels and the label with
+``NEAREST_EXACT``, which samples the same centres, and crop padding is 0 in the image and 255 (ignore) in the label.
 """
 from __future__ import annotations
 
@@ -15,13 +15,6 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from labels import IGNORE_INDEX
-
-# Training augmentation per dataset: shorter side drawn from 0.5-2.0 x base_size, then an (H, W) crop.
-# KITTI frames are 375 pixels high; Cityscapes frames 1024 (mmsegmentation's Cityscapes recipe: 512 x 1024).
-DATASET_DEFAULTS = {
-    "kitti": {"base_size": 375, "crop_size": (320, 320)},
-    "cityscapes": {"base_size": 1024, "crop_size": (512, 1024)},
-}
 
 
 class RandomScaleCrop(v2.Transform):
@@ -144,5 +137,5 @@ def train_augmentation(crop_size: int | tuple[int, int], base_size: int | None =
                        scale_range: tuple[float, float] = (0.5, 2.0), photometric: str = "mild") -> TrainAugmentation:
     """The training augmentation: random scale (shorter side scale_range x base_size) and an (H, W) crop (an
     int is square) with padding (image 0, label 255), horizontal flip, colour augmentation of the image only
-    (``PHOTOMETRIC_LEVELS``). ``DATASET_DEFAULTS[dataset]`` holds each dataset's base and crop size."""
+    (``PHOTOMETRIC_LEVELS``). Each dataset's layout (layouts.py) holds its base and crop size."""
     return TrainAugmentation(crop_size, base_size, scale_range, photometric=photometric)

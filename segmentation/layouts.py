@@ -88,8 +88,13 @@ def default_split(names: list[str], val_fraction: float = 0.2, seed: int = 0) ->
 
 
 class KittiLayout:
-    """KITTI data_semantics: no official validation set, so ``default_split`` is the fixed 80/20 split."""
+    """KITTI data_semantics: no official validation set, so ``default_split`` is the fixed 80/20 split.
 
+    A layout is the one registration of a dataset (``LAYOUTS``): where its files are, its splits, and its
+    training scale: the shorter side is drawn from 0.5-2.0 x ``base_size``, then a ``crop_size`` (H, W) crop.
+    KITTI frames are 375 pixels high."""
+
+    base_size, crop_size = 375, (320, 320)
     help = LAYOUT_HELP
     label_hint = "use training/semantic, not training/semantic_rgb"
     default_source = "the fixed 80/20 split of the labelled images"
@@ -121,6 +126,7 @@ class CityscapesLayout:
     ``*_gtFine_labelIds.png`` files are labels (``_color`` is a picture, ``_instanceIds`` holds id x 1000 +
     instance in 16 bits). Any image size is accepted."""
 
+    base_size, crop_size = 1024, (512, 1024)  # frames 1024 high; mmsegmentation's Cityscapes recipe crops 512 x 1024
     help = CITYSCAPES_HELP
     label_hint = ("use *_gtFine_labelIds.png, not *_gtFine_color.png (colours) or *_gtFine_instanceIds.png "
                   "(16-bit id x 1000 + instance)")

@@ -1,6 +1,6 @@
 """What a training run reads: its split (kept in the run folder), the samplers that make order and augmentation
 reproducible and evaluation exact under DDP, the two loaders, and the class weights of the loss. What differs
-between datasets lives in layouts.py and augmentation.py's ``DATASET_DEFAULTS``.
+between datasets lives in its layout (layouts.py).
 
 Class weights count labelled pixels only (255 = ignore is never a class):
 
@@ -31,8 +31,8 @@ from torch.utils.data import BatchSampler, Sampler
 from data_preprocessing import SegmentationDataset, default_cache_gb, image_size
 from labels import LabelSet
 from segmentation import UserError, runtime
-from segmentation.augmentation import DATASET_DEFAULTS, train_augmentation
-from segmentation.layouts import default_split_for, labelled_names, split_source
+from segmentation.augmentation import train_augmentation
+from segmentation.layouts import default_split_for, get_layout, labelled_names, split_source
 
 # Loader workers see the decoded cache copy-on-write only when forked. Python 3.14 made forkserver Linux's default,
 # which pickles the dataset, cache included, into every worker (docs/results.md). Other systems keep their default.
@@ -177,9 +177,9 @@ def run_split(args: argparse.Namespace, run_dir: Path, resuming: bool) -> dict[s
 
 def crop_and_base_size(args: argparse.Namespace) -> tuple[tuple[int, int], int]:
     """--crop-size (H, or H W) and --base-size, or the dataset's defaults."""
-    defaults = DATASET_DEFAULTS[args.dataset]
-    crop = (args.crop_size[0], args.crop_size[-1]) if args.crop_size else tuple(defaults["crop_size"])
-    return crop, args.base_size or defaults["base_size"]
+    layout = get_layout(args.dataset)
+    crop = (args.crop_size[0], args.crop_size[-1]) if args.crop_size else tuple(layout.crop_size)
+    return crop, args.base_size or layout.base_size
 
 
 def loss_weights(train_set: SegmentationDataset, method: str, state: dict | None) -> torch.Tensor | None:

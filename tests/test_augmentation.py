@@ -7,8 +7,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from data_preprocessing import KittiSemantics
-from segmentation.augmentation import DATASET_DEFAULTS, RandomScaleCrop, TrainAugmentation, train_augmentation
-from segmentation.layouts import DATASETS, list_labelled
+from segmentation.augmentation import RandomScaleCrop, TrainAugmentation, train_augmentation
+from segmentation.layouts import get_layout, list_labelled
 from segmentation.loading import SeededTrainSampler
 
 # Non-contiguous label values: a bilinear (or any averaging) resize of the mask makes values between them.
@@ -141,7 +141,7 @@ def test_non_square_crop_comes_out_height_by_width():
     image, label = augment(torch.zeros(3, 60, 200, dtype=torch.uint8), torch.zeros(60, 200, dtype=torch.uint8),
                            torch.Generator().manual_seed(0))
     assert image.shape == (3, 48, 96) and label.shape == (48, 96)
-    assert DATASET_DEFAULTS["cityscapes"]["crop_size"] == (512, 1024) and set(DATASET_DEFAULTS) == set(DATASETS)
+    assert get_layout("cityscapes").crop_size == (512, 1024)
 
 
 def test_seeded_augmentation_is_reproducible_and_varies_with_the_seed(synthetic_root):
