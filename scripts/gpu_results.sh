@@ -25,7 +25,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$out/bench_cuda.txt"
 # first, as it has never run on a GPU: the test that only a GPU runs (skipped elsewhere), CUDA kill-and-resume
 # bit-identity with --deterministic (about a minute)
-OMP_NUM_THREADS=4 python3 -m pytest -q -p no:cacheprovider tests/test_determinism.py > "$out/pytest_gpu.txt" 2>&1 || true
+# and test.py reproducing the run's own val mIoU under bf16 autocast (issue 26)
+OMP_NUM_THREADS=4 python3 -m pytest -q -p no:cacheprovider tests/test_determinism.py \
+  "tests/test_agreement.py::test_test_py_on_best_pt_reproduces_the_runs_validation_exactly" > "$out/pytest_gpu.txt" 2>&1 || true
 tail -15 "$out/pytest_gpu.txt"
 python3 bench.py --device cuda --cityscapes --json "$out/bench_cuda.json" | tee -a "$out/bench_cuda.txt" \
   || echo "bench FAILED" | tee -a "$out/bench_cuda.txt"

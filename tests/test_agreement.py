@@ -48,18 +48,20 @@ def test_validation_loss_under_class_weights_is_the_training_losss_weighted_mean
 
 
 @pytest.mark.slow
-def test_test_py_on_best_pt_reproduces_the_runs_validation_exactly(synthetic_root, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_results.sh runs it)"))])
+def test_test_py_on_best_pt_reproduces_the_runs_validation_exactly(synthetic_root, tmp_path, device):
     run = tmp_path / "run"
     main.train(main.parse_args(train_argv(synthetic_root, run, "--arch", "fcn16", "--class-weights", "log",
-                                          "--epochs", "3")))
-    evaluation.main(["--checkpoint", str(run / "best.pt"), "--split", "val", "--workers", "0", "--device", "cpu",
+                                          "--epochs", "3", "--device", device)))
+    evaluation.main(["--checkpoint", str(run / "best.pt"), "--split", "val", "--workers", "0", "--device", device,
                      "--num-visuals", "0", "--out", str(tmp_path / "scored")])
     scored = json.loads((tmp_path / "scored" / "metrics.json").read_text())
     state = torch.load(run / "best.pt", weights_only=True)
     best = max(state["history"], key=lambda row: row["val_mIoU"])
     assert scored["benchmark_mIoU"] == state["best_miou"] == best["val_mIoU"]  # exactly: the same computation
     assert scored["loss"] == pytest.approx(best["val_loss"], rel=1e-12)  # both weighted by the run's weights
-    assert scored["precision"] == "float32"
+    assert scored["precision"] == ("float32" if device == "cpu" else "bfloat16 autocast")
 
 
 def test_a_metrics_row_scores_the_benchmark_classes_only_in_the_full_label_set():
