@@ -167,7 +167,7 @@ def table_text(path: Path) -> str:
     except OSError as error:
         raise UserError(f"--label-set {path}: cannot be read ({error.strerror}); give {TABLE_HELP}") from None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return raw.decode("utf-16")
+        return raw.decode("utf-16", errors="replace")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -186,6 +186,8 @@ def table_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
     delimiter = max(",;\t", key=header_line.count)
     parsed = csv.reader([line for _, line in lines], delimiter=delimiter)
     header = [cell.strip().lower() for cell in next(parsed)]
+    while header and not header[-1]:  # a spreadsheet's empty columns after the last one: "value,...,void,,"
+        header.pop()
     unknown = [name for name in header if name not in TABLE_COLUMNS]
     if unknown or not set(TABLE_COLUMNS[:5]) <= set(header) or len(set(header)) < len(header):
         problem = f"column {unknown[0]!r} is not one of" if unknown else "the header must name each of"
@@ -195,6 +197,8 @@ def table_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
     for (number, _), cells in zip(lines[1:], parsed):
         if not any(cell.strip() for cell in cells):
             continue
+        while len(cells) > len(header) and not cells[-1].strip():
+            cells.pop()
         if len(cells) != len(header):
             raise UserError(f"{path}, line {number}: {len(cells)} cells where the header has {len(header)}; a name "
                             f"that holds a {delimiter!r} needs quotes")

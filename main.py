@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "%(default)s: no head)")
     p.add_argument("--data-root", type=Path, default=DATA_ROOT, help="(default %(default)s)")
     p.add_argument("--download", action="store_true", help="download KITTI into --data-root first")
-    p.add_argument("--split-dir", type=Path, help="folder with train.txt/val.txt (default: KITTI's fixed 80/20 "
-                   "split, Cityscapes' official split)")
+    p.add_argument("--split-dir", type=Path, help="folder with train.txt/val.txt (default: the data root's own "
+                   "splits/ folder, else KITTI's fixed 80/20 split or Cityscapes' official one, less splits/test.txt)")
     p.add_argument("--out", type=Path, default=OUT_DIR, help="run folder (default %(default)s: runs/<arch>-<time>)")
     p.add_argument("--resume", type=Path, help="continue a run from its last.pt (config comes from the checkpoint)")
     p.add_argument("--init-from", type=Path, help="start from a checkpoint's weights: the same architecture "
@@ -200,7 +200,9 @@ def train(args: argparse.Namespace) -> Path:
     if state is not None:
         restore(state, args.resume, model, optimizer, scheduler, scaler)
         if aux_head is not None:
-            aux_head.load_state_dict(state["aux_head"])
+            aux_head.load_state_dict(state["aux_head"])  # present: a run with --aux-loss saved it
+        if ctx.device.type == "cuda" and state.get("rng_cuda") is not None:  # the auxiliary head's dropout draws
+            torch.cuda.set_rng_state(state["rng_cuda"], ctx.device)
         history, best_miou, start_epoch = state["history"], state["best_miou"], state["epoch"]
         progress = EpochProgress(**state["progress"])
     if ctx.is_main:
@@ -213,7 +215,8 @@ def train(args: argparse.Namespace) -> Path:
                 "arch": args.arch, "num_classes": label_set.num_classes, "label_set": str(args.label_set),
                 "label_table": label_set.to_dict(), "world_size": ctx.world_size, "class_weights": data.class_weights,
                 "config": config_of(args), "history": history, "rng_cpu": torch.get_rng_state(),
-                "aux_head": aux_head.state_dict() if aux_head is not None else None}
+                "aux_head": aux_head.state_dict() if aux_head is not None else None,
+                "rng_cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None}
 
     # 5. epochs: train, validate on full images, then (rank 0) metrics.csv, last.pt and best.pt, the log line
     checkpoints, history_writer, stopped = CheckpointWriter(), HistoryWriter(run_dir, label_set.class_names), None
@@ -373,13 +376,13 @@ def main(argv: list[str] | None = None) -> None:
             if args.demo is not None:
                 args = demo_args(args)
             run_dir = train(args)
-        if args.demo is not None:
-            evaluation = subprocess.run([sys.executable, str(Path(__file__).with_name("test.py")), "--checkpoint",
-                                         str(run_dir / "best.pt"), "--device", args.device, "--num-visuals", "4"])
-            if evaluation.returncode:
-                sys.exit(evaluation.returncode)
-            print(f"demo done: checkpoints in {run_dir}, curves in {run_dir / 'curves.png'}, "
-                  f"predictions and overlays in {run_dir / 'test_val'}")
+            if args.demo is not None:
+                evaluation = subprocess.run([sys.executable, str(Path(__file__).with_name("test.py")), "--checkpoint",
+                                             str(run_dir / "best.pt"), "--device", args.device, "--num-visuals", "4"])
+                if evaluation.returncode:
+                    sys.exit(evaluation.returncode)
+                print(f"demo done: checkpoints in {run_dir}, curves in {run_dir / 'curves.png'}, "
+                      f"predictions and overlays in {run_dir / 'test_val'}")
     except UserError as error:
         sys.exit(f"error: {error}")
     except OSError as error:  # a folder or disk that fails mid-run: checkpoints are kept, see save_checkpoint

@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="val", choices=("val", "train", "trainval", "test"),
                    help="test: a labelled split where the split folder has test.txt (CamVid), else the unlabelled test "
                    "images, for a benchmark submission (default %(default)s)")
-    p.add_argument("--split-dir", type=Path, help="folder with train.txt/val.txt (default: the run's own)")
+    p.add_argument("--split-dir", type=Path, help="folder with train.txt/val.txt (default: the run's own; for "
+                   "--split test, a test.txt beside the run's split or in the data root's splits/)")
     p.add_argument("--images", type=Path, help="predict a folder of PNG/JPEG images, or a video, instead of a split")
     p.add_argument("--out", type=Path, help="output folder (default: beside the checkpoint)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
@@ -130,7 +131,8 @@ def format_table(report: dict) -> str:
 def write_report(report: dict, out: Path, extra: dict) -> None:
     def number(value: float) -> float | None:
         return None if math.isnan(value) else float(value)
-    summary = {key: number(report[key]) for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "benchmark_mIoU")}
+    summary = {key: number(report[key]) for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "benchmark_mIoU",
+                                                    "benchmark_pixel_acc")}
     summary["class_iou"] = {n: number(v) for n, v in zip(report["class_names"], report["iou"])}
     summary["category_iou"] = {n: number(v) for n, v in report["category_iou"].items()}
     (out / "metrics.json").write_text(json.dumps({**summary, **extra}, indent=2))
@@ -174,7 +176,7 @@ def evaluate_split(args, model, state, dataset: SegmentationDataset, device, wri
     print(format_table(report))
     precision = runtime.precision_name(amp_dtype)
     weighted = " weighted by the run's class weights" if weights is not None else ""
-    print(f"precision: {precision} (as the run validated); loss: cross-entropy{weighted} {loss:.4f}")
+    print(f"precision: {precision} (the run's --amp setting on {device}); loss: cross-entropy{weighted} {loss:.4f}")
     extra = {"num_images": len(dataset), "checkpoint": str(args.checkpoint), "dataset": dataset_name,
              "split": args.split, "label_set": label_set.name, "arch": state["arch"], "loss": loss,
              "precision": precision, "images_per_second": len(dataset) / seconds}

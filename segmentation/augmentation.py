@@ -90,8 +90,8 @@ class TrainAugmentation:
     [1/gamma, gamma] and, with probability ``blur``, a Gaussian blur of sigma 0.1-1.5 (after the jitter).
 
     Called as ``augment(image (3, H, W), label (H, W), generator)`` on tensors on any device. Every random
-    number comes from ``generator`` (the global one if None) and is drawn on the CPU before any pixel is
-    touched, so a seeded generator gives the same sample whichever process makes it. It calls the functional
+    number comes from ``generator`` (the global one if None) and is drawn on the CPU, in a fixed order, so a
+    seeded generator gives the same sample whichever process makes it. It calls the functional
     kernels directly rather than through transforms-v2 ``Transform`` objects, whose Python dispatch costs more
     than the kernels on small crops (docs/results.md).
     """

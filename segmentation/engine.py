@@ -222,7 +222,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, a
 
 
 def warmup_poly(step: int, warmup: int, total: int, power: float) -> float:
-    """LR multiplier at ``step``: linear from 0.1 to 1 over ``warmup`` steps (none if 0), then
+    """LR multiplier at ``step``: linear from 0.1 to 1 over ``warmup`` steps (none if 0: WARMUP_EPOCHS = 0), then
     (1 - progress) ^ power to 0."""
     if step < warmup:
         return 0.1 + 0.9 * step / warmup
@@ -247,7 +247,7 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, steps_per_e
     resume restores the schedule exactly on any torch version (SequentialLR's restore has varied)."""
     optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
     total = args.epochs * steps_per_epoch
-    warmup = min(round(args.warmup_epochs * steps_per_epoch), total - 1)  # 0: the first step runs at the full LR
+    warmup = 0 if args.warmup_epochs == 0 else min(max(1, round(args.warmup_epochs * steps_per_epoch)), total - 1)
 
     def multiplier(step: int) -> float:
         return warmup_poly(step, warmup, total, args.poly_power)

@@ -234,9 +234,25 @@ def default_split_for(dataset: str, root: Path) -> dict[str, list[str]]:
     fixed 80/20 split or Cityscapes' official folders, without the root's test names. Fixed, not drawn from
     main.py's ``--seed``; this is what main.py writes as train.txt/val.txt into a run folder."""
     own = root_split_dir(root)
-    if own is not None:
-        return {split: split_file_names(dataset, root, own / f"{split}.txt") for split in ("train", "val")}
-    return get_layout(dataset).default_split(Path(root), held_out_names(root))
+    if own is None:
+        return get_layout(dataset).default_split(Path(root), held_out_names(root))
+    split = {name: split_file_names(dataset, root, own / f"{name}.txt") for name in ("train", "val")}
+    if (own / "test.txt").is_file():
+        split["test"] = split_file_names(dataset, root, own / "test.txt")
+    check_disjoint(split, own)
+    return {name: split[name] for name in ("train", "val")}
+
+
+def check_disjoint(split: dict[str, list[str]], folder: Path) -> None:
+    """Refuse a name in two of a folder's split files: validation would score training images, or a test image
+    would be trained on."""
+    names = sorted(split)
+    for index, first in enumerate(names):
+        for second in names[index + 1:]:
+            shared = sorted(set(split[first]) & set(split[second]))
+            if shared:
+                raise UserError(f"{folder}: {', '.join(shared[:5])} in both {first}.txt and {second}.txt; keep each "
+                                "name in one file")
 
 
 def labelled_names(dataset: str, root: Path, split: str, split_dir: Path | None = None) -> list[str]:

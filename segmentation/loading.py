@@ -32,7 +32,7 @@ from data_preprocessing import SegmentationDataset, default_cache_gb, image_size
 from labels import LabelSet
 from segmentation import UserError, runtime
 from segmentation.augmentation import train_augmentation
-from segmentation.layouts import default_split_for, get_layout, labelled_names, split_source
+from segmentation.layouts import check_disjoint, default_split_for, get_layout, labelled_names, split_source
 
 # Loader workers see the decoded cache copy-on-write only when forked. Python 3.14 made forkserver Linux's default,
 # which pickles the dataset, cache included, into every worker (docs/results.md). Other systems keep their default.
@@ -165,13 +165,9 @@ def run_split(args: argparse.Namespace, run_dir: Path, resuming: bool) -> dict[s
     files cannot change it."""
     split_dir = run_dir if resuming else args.split_dir
     if split_dir is None:
-        split = default_split_for(args.dataset, args.data_root)
-    else:
-        split = {name: labelled_names(args.dataset, args.data_root, name, split_dir) for name in ("train", "val")}
-        shared = sorted(set(split["train"]) & set(split["val"]))
-        if shared:
-            raise UserError(f"{split_dir}: {', '.join(shared[:5])} in both train.txt and val.txt; validation would "
-                            "score training images, so keep each name in one file")
+        return default_split_for(args.dataset, args.data_root)  # its own split files are checked there
+    split = {name: labelled_names(args.dataset, args.data_root, name, split_dir) for name in ("train", "val")}
+    check_disjoint(split, split_dir)
     return split
 
 

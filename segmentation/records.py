@@ -23,7 +23,7 @@ from segmentation.checkpoint import write_failure
 from segmentation.engine import EpochProgress
 
 STARTUP_FILES = {".lock", "train.txt", "val.txt", "metrics.csv", "class_iou.csv", "curves.png"}  # all but checkpoints
-EVENT_FILES = "events.out.tfevents."  # TensorBoard's file names start so; a run's first ones count as startup files
+EVENT_FILES = "events.out.tfevents."  # TensorBoard's; written beside the first last.pt, so a killed run may leave one
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
                   "val_seconds", "peak_gpu_mb")
 CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at the end): matplotlib is slow
@@ -141,8 +141,14 @@ class TensorBoardLog:
         if not self.available:
             return
         if self.writer is None:  # made at the first epoch's end, so a run refused at its start leaves no file
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.run_dir))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(self.run_dir))
+            except Exception as error:  # e.g. a protobuf that this tensorboard cannot use: a record, not the run
+                self.available = False
+                print(f"warning: no TensorBoard files: {type(error).__name__}: {str(error).splitlines()[0]}",
+                      file=sys.stderr, flush=True)
+                return
         step = row["epoch"]
         for tag, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("lr", "lr"),
                          ("val/mIoU", "val_mIoU"), ("val/pixel_acc", "pixel_acc")):

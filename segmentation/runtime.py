@@ -3,7 +3,7 @@ runs as world size 1), the loader worker count, mixed precision, and Ctrl-C / SI
 
 Stopping. Raising ``KeyboardInterrupt`` wherever the main process happens to be can land inside an optimizer
 step, between the update of one tensor and the next: the saved state would then match no step at all. Instead
-the first signal only sets a flag that the training loop reads between steps; a second signal aborts at once.
+the first signal only sets a flag that the training loop reads between steps; a later one aborts at once.
 Under DDP the ranks agree on the flag (an all-reduce at log boundaries), so they all stop at the same step.
 
 Launchers send a stop to a whole process group (a terminal's Ctrl-C, ``timeout``, SLURM, systemd) and torchrun
@@ -160,9 +160,10 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 class StopSafeLoader(DataLoader):
     """A DataLoader whose workers leave Ctrl-C and SIGTERM to the main process: they are forked with both signals
-    blocked and ignore them from their first instruction (``ignore_stop_signals``); the main process gets any that
-    arrived meanwhile once the workers are started. A worker killed by a group signal would otherwise end the
-    training process with "DataLoader worker ... killed by signal" before it could save.
+    blocked and ignore them from their ``worker_init_fn`` on (``ignore_stop_signals``), which drops any that
+    arrived in between; the main process gets its own once the workers are started. A worker killed by a group
+    signal would otherwise end the training process with "DataLoader worker ... killed by signal" before it
+    could save.
 
     Workers that ignore SIGTERM outlive multiprocessing's exit handler, which terminates (SIGTERM) and then joins
     them; so the workers still running at exit are ended first, the way the loader ends them itself
@@ -175,10 +176,10 @@ class StopSafeLoader(DataLoader):
         held = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             iterator = super().__iter__()
+            if self.num_workers:
+                _WITH_WORKERS.add(iterator)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        if self.num_workers:
-            _WITH_WORKERS.add(iterator)
         return iterator
 
 
@@ -191,6 +192,9 @@ def _end_workers() -> None:
     iterator would run), so that none is left for multiprocessing's handler to SIGTERM and wait on forever."""
     for iterator in list(_WITH_WORKERS):
         iterator._shutdown_workers()
+        for worker in getattr(iterator, "_workers", []):  # one stuck past the loader's own timeout: SIGTERM is ignored
+            if worker.is_alive():
+                worker.kill()
 
 
 def on_any_rank(flag: bool, device: torch.device) -> bool:
@@ -203,7 +207,7 @@ def on_any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def first_found(found: str) -> str:
+def first_found(found: str | None) -> str:
     """The lowest rank's non-empty ``found`` (e.g. the name of a broken tensor), on every rank; all call it."""
     if not (dist.is_available() and dist.is_initialized()):
         return found

@@ -23,6 +23,10 @@ from segmentation.loading import WEIGHTINGS
 RESUMABLE_FLAGS = {"resume", "device", "workers", "data_root", "deterministic", "cache_gb", "log_every"}
 
 
+# a setting newer than a checkpoint resumes as the run trained before it existed, not as the block now says
+BEFORE_THEY_EXISTED = {"aux_loss": 0.0, "photometric": "mild"}
+
+
 def readable(kind: type) -> Callable[[str], object]:
     """A flag's type that keeps text it cannot read as ``kind``: ``check_args`` then names the value in one line,
     as it does for the block's constants (argparse would print its usage instead)."""
@@ -105,7 +109,7 @@ def args_from_checkpoint(state: dict, cli: argparse.Namespace, defaults: argpars
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
         raise UserError(f"--resume continues {cli.resume} exactly as it was configured, so {flags} cannot change; "
                         f"to train on with other settings start a new run with --init-from {quoted(cli.resume)}")
-    args = argparse.Namespace(**{**vars(defaults), **state["config"]})
+    args = argparse.Namespace(**{**vars(defaults), **BEFORE_THEY_EXISTED, **state["config"]})
     for key in ("data_root", "split_dir", "out", "init_from"):
         setattr(args, key, Path(getattr(args, key)) if getattr(args, key) else None)
     for key in RESUMABLE_FLAGS & set(cli.explicit):

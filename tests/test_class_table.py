@@ -89,7 +89,7 @@ def test_a_class_table_reads_as_meant_however_a_spreadsheet_or_editor_wrote_it(t
     tabs), its plain "CSV" (Windows-1252), LibreOffice in a decimal-comma locale (semicolons, quoted text) and a
     hand edit (capitalised header, spaces after commas, a comment)."""
     if written_as == "excel utf-8":
-        raw = "\r\n".join(",".join(row) for row in SHEET + [("",) * 6] * 2).encode("utf-8-sig") + b"\r\n"
+        raw = "\r\n".join(",".join(row + ("", "")) for row in SHEET + [("",) * 6] * 2).encode("utf-8-sig") + b"\r\n"
     elif written_as == "excel unicode text":
         raw = "\r\n".join("\t".join(row) for row in SHEET).encode("utf-16")
     elif written_as == "excel western":

@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import train_argv
+from conftest import one_line_error, train_argv
 
 import main
 import test as evaluation
@@ -71,6 +71,19 @@ def test_without_train_and_val_files_the_default_split_leaves_the_roots_test_nam
     after = default_split_for("kitti", writable_tree)
     assert sorted(after["train"] + after["val"]) == names[3:]
     assert labelled_names("kitti", writable_tree, "test") == names[:3]
+
+
+@pytest.mark.parametrize("files, message", [({"train": [0, 1, 2, 3], "val": [3, 4]}, "in both train.txt and val.txt"),
+                                            ({"train": [0, 1, 2], "val": [3, 4], "test": [2, 5]},
+                                             "in both test.txt and train.txt")])
+def test_a_roots_own_split_files_that_share_a_name_are_refused_in_one_line(writable_tree, tmp_path, files, message):
+    names = sorted(p.stem for p in (writable_tree / "training" / "semantic").glob("*.png"))
+    (writable_tree / "splits").mkdir()
+    for split, indices in files.items():
+        (writable_tree / "splits" / f"{split}.txt").write_text("".join(f"{names[i]}\n" for i in indices))
+    line = one_line_error(main.main, train_argv(writable_tree, tmp_path / "run"))
+    assert message in line and line.endswith("keep each name in one file"), line
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_split_dir_given_by_name_may_still_train_on_test_names(writable_tree, tmp_path):
