@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data_preprocessing import download_kitti
 from labels import LabelSet, get_label_set
-from model import ARCHS, AuxiliaryHead, WithAuxiliary, build_model, count_parameters
+from model import ARCHS, build_model, count_parameters
 from segmentation import UserError, os_error_line, quoted, runtime
 from segmentation.augmentation import PHOTOMETRIC_LEVELS
 from segmentation.checkpoint import (
@@ -73,7 +73,6 @@ POLY_POWER = 0.9                 # lr = LR x (1 - progress) ^ POLY_POWER, steppe
 LABEL_SET = "train"              # train: 19 benchmark classes (others ignored) | full: 34 ids | a class table .csv
 CLASS_WEIGHTS = "none"           # none | median-freq (SegNet) | log (ENet): cross-entropy weights from the train labels
 PHOTOMETRIC = "mild"             # colour augmentation: mild (+-0.2 jitter) | strong (+ hue, gamma, blur: augmentation)
-AUX_LOSS = 0.0                   # weight of a training-only head's loss on the stride-16 features; 0: no such head
 DATA_ROOT = "data/data_semantics"  # KITTI: folder holding training/ and testing/; Cityscapes: leftImg8bit/ and gtFine/
 OUT_DIR = None                   # run folder; None -> runs/<arch>-<date>-<time>; never overwritten
 SEED = 0                         # shuffling, augmentation and initialisation (the train/val split is fixed)
@@ -107,9 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"class balancing of the cross-entropy: {' | '.join(WEIGHTINGS)} (default %(default)s)")
     p.add_argument("--photometric", default=PHOTOMETRIC,
                    help=f"colour augmentation: {' | '.join(PHOTOMETRIC_LEVELS)} (default %(default)s)")
-    p.add_argument("--aux-loss", type=readable(float), default=AUX_LOSS,
-                   help="weight of an auxiliary head's loss on the stride-16 features, training only (default "
-                   "%(default)s: no head)")
     p.add_argument("--data-root", type=Path, default=DATA_ROOT, help="(default %(default)s)")
     p.add_argument("--download", action="store_true", help="download KITTI into --data-root first")
     p.add_argument("--split-dir", type=Path, help="folder with train.txt/val.txt (default: the data root's own "
@@ -164,32 +160,26 @@ def train(args: argparse.Namespace) -> Path:
     data = make_loaders(args, ctx, run_dir, label_set, state)
     class_weights = None if data.class_weights is None else data.class_weights.to(ctx.device)
 
-    # 2. model, and what trains: the FCN, or the FCN with its training-only auxiliary head (--aux-loss)
+    # 2. model
     model = make_model(args, ctx, label_set, state)
-    aux_head = AuxiliaryHead(label_set.num_classes).to(ctx.device, memory_format=torch.channels_last) \
-        if args.aux_loss else None
-    trained = WithAuxiliary(model, aux_head) if aux_head is not None else model
-    net = DistributedDataParallel(trained, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) \
-        if ctx.world_size > 1 else trained
+    net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) \
+        if ctx.world_size > 1 else model
 
     # 3. optimiser, schedule, mixed precision, and the training step they make
     steps_per_epoch = len(data.train_loader)  # a whole epoch's: a mid-epoch resume shortens the loader's length later
-    optimizer, scheduler = make_optimizer(trained, args, steps_per_epoch)
+    optimizer, scheduler = make_optimizer(model, args, steps_per_epoch)
     amp_dtype = runtime.amp_dtype_for(ctx.device, args.amp)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
 
     def train_step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One SGD step on a uint8 batch; returns the (device) loss of the FCN's output, the cross-entropy over valid
-        pixels (weighted by the class weights); an auxiliary head's loss is added to what is minimised only."""
+        """One SGD step on a uint8 batch; returns the (device) loss, the cross-entropy over valid pixels (weighted by
+        the class weights where the run has them)."""
         target = labels.to(ctx.device, non_blocking=True).long()
         with autocast(ctx.device, amp_dtype):
-            output = net(to_model_input(images, ctx.device))
-        logits, aux_logits = output if aux_head is not None else (output, None)
+            logits = net(to_model_input(images, ctx.device))
         loss = segmentation_loss(logits.float(), target, class_weights)
-        minimised = loss if aux_logits is None else \
-            loss + args.aux_loss * segmentation_loss(aux_logits.float(), target, class_weights)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(minimised).backward()
+        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -199,9 +189,7 @@ def train(args: argparse.Namespace) -> Path:
     history, best_miou, start_epoch, progress = [], -1.0, 0, EpochProgress()
     if state is not None:
         restore(state, args.resume, model, optimizer, scheduler, scaler)
-        if aux_head is not None:
-            aux_head.load_state_dict(state["aux_head"])  # present: a run with --aux-loss saved it
-        if ctx.device.type == "cuda" and state.get("rng_cuda") is not None:  # the auxiliary head's dropout draws
+        if ctx.device.type == "cuda" and state.get("rng_cuda") is not None:  # e.g. a dropout added to model.py
             torch.cuda.set_rng_state(state["rng_cuda"], ctx.device)
         history, best_miou, start_epoch = state["history"], state["best_miou"], state["epoch"]
         progress = EpochProgress(**state["progress"])
@@ -215,7 +203,6 @@ def train(args: argparse.Namespace) -> Path:
                 "arch": args.arch, "num_classes": label_set.num_classes, "label_set": str(args.label_set),
                 "label_table": label_set.to_dict(), "world_size": ctx.world_size, "class_weights": data.class_weights,
                 "config": config_of(args), "history": history, "rng_cpu": torch.get_rng_state(),
-                "aux_head": aux_head.state_dict() if aux_head is not None else None,
                 "rng_cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None}
 
     # 5. epochs: train, validate on full images, then (rank 0) metrics.csv, last.pt and best.pt, the log line

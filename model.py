@@ -157,41 +157,6 @@ class FCN8s(FCN16s):
         return upsample_aligned(fused8, 8, x.shape[-2:])
 
 
-class AuxiliaryHead(nn.Module):
-    """Training-only class scores from the stride-16 features (layer3): conv 3x3 to 64 channels, BatchNorm,
-    ReLU, dropout 0.1, conv 1x1 to the classes (torchvision's ``FCNHead``, as its ``--aux-loss`` and PSPNet use).
-    Its loss gives the trunk's middle a short gradient path, which a random-init trunk learns from; it is not
-    part of the FCN, so test.py, export.py and the checkpoint's ``model`` never hold it."""
-
-    def __init__(self, num_classes: int, in_channels: int = 256, channels: int = 64):
-        super().__init__()
-        self.block = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
-                                   nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Dropout(0.1),
-                                   nn.Conv2d(channels, num_classes, 1))
-
-    def forward(self, c16: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return upsample_aligned(self.block(c16), 16, size)
-
-
-class WithAuxiliary(nn.Module):
-    """An FCN and its ``AuxiliaryHead`` as one module for training (one DDP wrapper syncs both): returns the
-    FCN's logits and the auxiliary logits, both at the input size. The stride-16 features are taken from the
-    FCN's own forward pass (a hook on ``trunk.layer3`` while this forward runs), so nothing is computed twice."""
-
-    def __init__(self, fcn: FCN32s, head: AuxiliaryHead):
-        super().__init__()
-        self.fcn, self.head = fcn, head
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kept = []
-        hook = self.fcn.trunk.layer3.register_forward_hook(lambda module, inputs, output: kept.append(output))
-        try:
-            logits = self.fcn(x)
-        finally:
-            hook.remove()
-        return logits, self.head(kept[0], x.shape[-2:])
-
-
 def imagenet_state_dict(backbone_weights: str | None = None) -> dict:
     """ResNet18 ImageNet weights from a local file, or torchvision's (downloaded once to the torch hub cache)."""
     if backbone_weights is not None:

@@ -24,7 +24,7 @@ RESUMABLE_FLAGS = {"resume", "device", "workers", "data_root", "deterministic", 
 
 
 # a setting newer than a checkpoint resumes as the run trained before it existed, not as the block now says
-BEFORE_THEY_EXISTED = {"aux_loss": 0.0, "photometric": "mild"}
+BEFORE_THEY_EXISTED = {"photometric": "mild"}
 
 
 def readable(kind: type) -> Callable[[str], object]:
@@ -68,7 +68,6 @@ ACCEPTS = {
                   "train | full | a class table file, e.g. \"data/camvid/camvid.csv\""),
     "class_weights": (lambda v: v in WEIGHTINGS, " | ".join(WEIGHTINGS)),
     "photometric": (lambda v: v in PHOTOMETRIC_LEVELS, " | ".join(PHOTOMETRIC_LEVELS)),
-    "aux_loss": (lambda v: real(v) and v >= 0, "0 (no auxiliary head) or a loss weight, e.g. 0.4"),
     "data_root": (lambda v: isinstance(v, Path), "a folder, e.g. \"data/data_semantics\""),
     "out": (lambda v: v is None or isinstance(v, Path), "None or a folder, e.g. \"runs/fcn16-a\""),
     "seed": (lambda v: whole(v, 0), "a whole number, 0 or more"),

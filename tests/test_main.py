@@ -304,28 +304,6 @@ def test_the_evaluate_hint_can_be_pasted_when_the_run_folder_has_a_space(synthet
                                                                 str(out / "best.pt")]
 
 
-def test_a_run_with_an_auxiliary_head_resumes_mid_epoch_to_the_unbroken_weights(synthetic_root, tmp_path, monkeypatch):
-    straight = tmp_path / "straight"
-    main.train(main.parse_args(train_argv(synthetic_root, straight, "--arch", "fcn8", "--aux-loss", "0.4")))
-    real_step, calls = torch.optim.SGD.step, []
-
-    def step_interrupted_on_its_sixth_call(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:
-            signal.raise_signal(signal.SIGINT)
-        return real_step(self, *args, **kwargs)
-    monkeypatch.setattr(torch.optim.SGD, "step", step_interrupted_on_its_sixth_call)
-    run = tmp_path / "run"
-    with pytest.raises(SystemExit):
-        main.train(main.parse_args(train_argv(synthetic_root, run, "--arch", "fcn8", "--aux-loss", "0.4")))
-    monkeypatch.setattr(torch.optim.SGD, "step", real_step)
-    main.train(main.parse_args(["--resume", str(run / "last.pt"), "--workers", "0"]))
-    resumed, unbroken = (torch.load(r / "last.pt", weights_only=True) for r in (run, straight))
-    assert_same_weights(resumed["model"], unbroken["model"])
-    assert_same_weights(resumed["aux_head"], unbroken["aux_head"])
-    assert not any(key.startswith("head") for key in resumed["model"])  # test.py and export.py load it as an FCN
-
-
 def test_tensorboard_event_files_hold_each_epochs_scalars_and_overlays_as_metrics_csv(trained_run):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -138,13 +138,3 @@ def test_unreadable_backbone_file_is_reported(tmp_path):
     with pytest.raises(UserError, match="weights.pth: cannot load ResNet18 weights"):
         fcn.build_model("fcn32", 19, pretrained=False, backbone_weights=str(path))
 
-
-def test_the_auxiliary_head_scores_the_fcns_own_stride_16_features_and_leaves_the_fcn_unchanged():
-    torch.manual_seed(0)
-    net = fcn.build_model("fcn8", 5, pretrained=False).eval()
-    head = fcn.AuxiliaryHead(5).eval()
-    x = torch.randn(2, 3, 96, 128)
-    logits, aux = fcn.WithAuxiliary(net, head)(x)
-    _, c16, _ = net.trunk(x)
-    assert torch.equal(logits, net(x)) and torch.equal(aux, head(c16, (96, 128)))
-    assert not net.trunk.layer3._forward_hooks  # the hook lives only while WithAuxiliary runs
