@@ -3,9 +3,10 @@
 # SYNTHETIC tree of KITTI's size (200 labelled images at KITTI resolutions), random init (no internet there).
 # bench.py needs onnxruntime and export.py onnxscript/onnx (requirements*.txt): carry the wheels if the machine lacks them.
 # Usage: bash scripts/gpu_results.sh OUT_DIR [STAGE ...]   stages: check (GPU-only tests, bench: ~4 min on an H100),
-# runs (three 50-epoch runs: ~4 min), suite (the whole test suite), camvid (docs/results.md's CamVid rows still to
-# run: FCN-32s unweighted, FCN-8s median-freq seeds 1 and 2, each scored on test). Default: check runs. A device call
-# may last at most 10 minutes, so give each call one stage.
+# runs (three 50-epoch runs: ~4 min), suite (the whole test suite), camvid (issue 25's recipe at ENet's length, 300
+# epochs, seeds 0 and 1, then docs/results.md's older CamVid rows still to run; each scored on test). Default: check
+# runs. A device call may last at most 10 minutes, so give each call one stage; CAMVID_ROWS="name ..." runs only
+# those camvid rows (one 300-epoch run a call).
 # camvid needs data/camvid (scripts/prepare_camvid.py; 182 MB) on the device, more than one call carries (64 MiB):
 # here `tar -cf - data/camvid | split -b 60M - data/camvid.tar.part-`, one call per part with carry
 # ["data/camvid.tar.part-aa"] and so on (a warm machine keeps them), then this stage puts them together.
@@ -67,6 +68,7 @@ camvid() {  # the commands of docs/results.md's CamVid rows, on the GPU
   local flags="--no-pretrained --data-root data/camvid --split-dir data/camvid/splits --label-set data/camvid/camvid.csv"
   local name run_flags start
   while read -r name run_flags; do
+    [[ -z ${CAMVID_ROWS:-} || " $CAMVID_ROWS " == *" $name "* ]] || continue
     start=$SECONDS
     python3 main.py $flags $run_flags --workers "${WORKERS:-8}" --out "/tmp/camvid/$name" < /dev/null > "$out/camvid_$name.log" 2>&1 \
       || { echo "camvid $name FAILED" | tee -a "$out/camvid_$name.log"; continue; }
@@ -76,6 +78,8 @@ camvid() {  # the commands of docs/results.md's CamVid rows, on the GPU
     cp "/tmp/camvid/$name/metrics.csv" "$out/camvid_metrics_$name.csv"
     cp "/tmp/camvid/$name-test/metrics.json" "$out/camvid_test_$name.json"
   done <<'ROWS'
+fcn8-log-300-seed0 --arch fcn8 --class-weights log --epochs 300 --seed 0
+fcn8-log-300-seed1 --arch fcn8 --class-weights log --epochs 300 --seed 1
 fcn32 --arch fcn32
 fcn8-mf-seed1 --arch fcn8 --class-weights median-freq --seed 1
 fcn8-mf-seed2 --arch fcn8 --class-weights median-freq --seed 2
