@@ -165,9 +165,10 @@ class StopSafeLoader(DataLoader):
     signal would otherwise end the training process with "DataLoader worker ... killed by signal" before it
     could save.
 
-    Workers that ignore SIGTERM outlive multiprocessing's exit handler, which terminates (SIGTERM) and then joins
-    them; so the workers still running at exit are ended first, the way the loader ends them itself
-    (``_end_workers``)."""
+    A worker that ignores SIGTERM would outlive the two places that end a worker by force, both of which send
+    SIGTERM and then join it, forever: the loader's shutdown when a worker does not finish in time (so this
+    loader's workers ``terminate`` with SIGKILL), and multiprocessing's exit handler (so the workers still alive
+    at exit are ended first, by ``_end_workers``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, worker_init_fn=ignore_stop_signals, **kwargs)
@@ -176,25 +177,25 @@ class StopSafeLoader(DataLoader):
         held = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             iterator = super().__iter__()
-            if self.num_workers:
-                _WITH_WORKERS.add(iterator)
+            for worker in getattr(iterator, "_workers", ()):  # torch's multiprocessing iterator keeps its processes
+                worker.terminate = worker.kill
+                _WORKERS.add(worker)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return iterator
 
 
-_WITH_WORKERS: weakref.WeakSet = weakref.WeakSet()  # StopSafeLoader iterators that started workers
+_WORKERS: weakref.WeakSet = weakref.WeakSet()  # the worker processes StopSafeLoaders started
 
 
-@atexit.register  # registered after multiprocessing's own exit handler, so it runs before it
+@atexit.register  # registered after multiprocessing's exit handler (torch imports it first), so it runs before it
 def _end_workers() -> None:
-    """Ask every loader's workers to finish and join them (the loader's own shutdown, which ``del`` of the
-    iterator would run), so that none is left for multiprocessing's handler to SIGTERM and wait on forever."""
-    for iterator in list(_WITH_WORKERS):
-        iterator._shutdown_workers()
-        for worker in getattr(iterator, "_workers", []):  # one stuck past the loader's own timeout: SIGTERM is ignored
-            if worker.is_alive():
-                worker.kill()
+    """Kill the workers still alive at exit: multiprocessing's handler would SIGTERM them (bypassing ``terminate``)
+    and wait forever. The loaders' own shutdown has run by then for every iterator that was freed."""
+    for worker in list(_WORKERS):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def on_any_rank(flag: bool, device: torch.device) -> bool:
