@@ -23,7 +23,6 @@ from data_preprocessing import download_kitti
 from labels import LabelSet, get_label_set
 from model import ARCHS, build_model, count_parameters
 from segmentation import UserError, os_error_line, quoted, runtime
-from segmentation.augmentation import PHOTOMETRIC_LEVELS
 from segmentation.checkpoint import (
     CheckpointWriter,
     initialise_from,
@@ -72,7 +71,6 @@ WARMUP_EPOCHS = 1.0              # linear warm-up from 0.1 x LR over this many e
 POLY_POWER = 0.9                 # lr = LR x (1 - progress) ^ POLY_POWER, stepped every iteration
 LABEL_SET = "train"              # train: 19 benchmark classes (others ignored) | full: 34 ids | a class table .csv
 CLASS_WEIGHTS = "none"           # none | median-freq (SegNet) | log (ENet): cross-entropy weights from the train labels
-PHOTOMETRIC = "mild"             # colour augmentation: mild (+-0.2 jitter) | strong (+ hue, gamma, blur: augmentation)
 DATA_ROOT = "data/data_semantics"  # KITTI: folder holding training/ and testing/; Cityscapes: leftImg8bit/ and gtFine/
 OUT_DIR = None                   # run folder; None -> runs/<arch>-<date>-<time>; never overwritten
 SEED = 0                         # shuffling, augmentation and initialisation (the train/val split is fixed)
@@ -104,8 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "CSV: value,name,r,g,b[,void] (default %(default)s)")
     p.add_argument("--class-weights", default=CLASS_WEIGHTS,
                    help=f"class balancing of the cross-entropy: {' | '.join(WEIGHTINGS)} (default %(default)s)")
-    p.add_argument("--photometric", default=PHOTOMETRIC,
-                   help=f"colour augmentation: {' | '.join(PHOTOMETRIC_LEVELS)} (default %(default)s)")
     p.add_argument("--data-root", type=Path, default=DATA_ROOT, help="(default %(default)s)")
     p.add_argument("--download", action="store_true", help="download KITTI into --data-root first")
     p.add_argument("--split-dir", type=Path, help="folder with train.txt/val.txt (default: the data root's own "

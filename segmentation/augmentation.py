@@ -6,8 +6,6 @@ stay aligned with their image: the image is resized bilinearly with centred pixe
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -76,37 +74,26 @@ class RandomScaleCrop(v2.Transform):
 
 
 PHOTOMETRIC = (TF.adjust_brightness_image, TF.adjust_contrast_image, TF.adjust_saturation_image)
-# colour augmentation: "mild" jitters brightness, contrast and saturation by +-0.2; "strong" widens them to
-# mmsegmentation's PhotoMetricDistortion ranges (+-0.5, hue +-0.1 of the colour circle) and adds a gamma and a
-# Gaussian blur, aimed at test frames shot in other light than the training ones (CamVid, docs/results.md)
-PHOTOMETRIC_LEVELS = {"mild": {"jitter": 0.2, "hue": 0.0, "gamma": 1.0, "blur": 0.0},
-                      "strong": {"jitter": 0.5, "hue": 0.1, "gamma": 1.5, "blur": 0.3}}
 
 
 class TrainAugmentation:
     """Joint image/label augmentation: ``RandomScaleCrop``, a horizontal flip (probability 1/2), and colour
     jitter of the image (brightness, contrast and saturation factors each from 1 +- ``jitter``, applied in a
-    random order, as ``v2.ColorJitter`` does); with ``photometric="strong"`` also a hue shift, a gamma from
-    [1/gamma, gamma] and, with probability ``blur``, a Gaussian blur of sigma 0.1-1.5 (after the jitter).
+    random order, as ``v2.ColorJitter`` does).
 
     Called as ``augment(image (3, H, W), label (H, W), generator)`` on tensors on any device. Every random
-    number comes from ``generator`` (the global one if None) and is drawn on the CPU, in a fixed order, so a
-    seeded generator gives the same sample whichever process makes it. It calls the functional
+    number comes from ``generator`` (the global one if None) and is drawn on the CPU before any pixel is
+    touched, so a seeded generator gives the same sample whichever process makes it. It calls the functional
     kernels directly rather than through transforms-v2 ``Transform`` objects, whose Python dispatch costs more
     than the kernels on small crops (docs/results.md).
     """
 
     def __init__(self, crop_size: int | tuple[int, int], base_size: int | None = 375,
-                 scale_range: tuple[float, float] = (0.5, 2.0), jitter: float | None = None,
-                 photometric: str = "mild"):
-        if photometric not in PHOTOMETRIC_LEVELS:
-            raise ValueError(f"photometric {photometric!r} must be one of {', '.join(PHOTOMETRIC_LEVELS)}")
-        level = dict(PHOTOMETRIC_LEVELS[photometric])
-        level["jitter"] = level["jitter"] if jitter is None else jitter
-        if not 0 <= level["jitter"] < 1:
-            raise ValueError(f"jitter {level['jitter']} must be in [0, 1): colour factors are drawn from 1 +- jitter")
+                 scale_range: tuple[float, float] = (0.5, 2.0), jitter: float = 0.2):
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter {jitter} must be in [0, 1): colour factors are drawn from 1 +- jitter")
         self.scale_crop = RandomScaleCrop(crop_size, base_size, scale_range)
-        self.jitter, self.hue, self.gamma, self.blur = level["jitter"], level["hue"], level["gamma"], level["blur"]
+        self.jitter = jitter
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,23 +106,12 @@ class TrainAugmentation:
             image, label = image.flip(-1), label.flip(-1)
         for index in order if self.jitter else ():
             image = PHOTOMETRIC[index](image, factors[index])
-        if self.hue or self.gamma != 1 or self.blur:
-            image = self.light(image, generator)
         return image, label
-
-    def light(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """The strong level's hue shift, gamma and blur, each drawn before the pixels are touched."""
-        hue, log_gamma, blur, sigma = (torch.rand(4, generator=generator) * 2 - 1).tolist()
-        gamma = math.exp(log_gamma * math.log(self.gamma))
-        image = TF.adjust_gamma_image(TF.adjust_hue_image(image, hue * self.hue), gamma)
-        if (blur + 1) / 2 < self.blur:
-            image = TF.gaussian_blur_image(image, [5, 5], [0.8 + 0.7 * sigma])
-        return image
 
 
 def train_augmentation(crop_size: int | tuple[int, int], base_size: int | None = 375,
-                       scale_range: tuple[float, float] = (0.5, 2.0), photometric: str = "mild") -> TrainAugmentation:
+                       scale_range: tuple[float, float] = (0.5, 2.0)) -> TrainAugmentation:
     """The training augmentation: random scale (shorter side scale_range x base_size) and an (H, W) crop (an
-    int is square) with padding (image 0, label 255), horizontal flip, colour augmentation of the image only
-    (``PHOTOMETRIC_LEVELS``). Each dataset's layout (layouts.py) holds its base and crop size."""
-    return TrainAugmentation(crop_size, base_size, scale_range, photometric=photometric)
+    int is square) with padding (image 0, label 255), horizontal flip, mild colour jitter (image only). Each
+    dataset's layout (layouts.py) holds its base and crop size."""
+    return TrainAugmentation(crop_size, base_size, scale_range)

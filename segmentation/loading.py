@@ -210,7 +210,7 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cache = default_cache_gb() / local_processes if args.cache_gb is None else args.cache_gb
     train_set = SegmentationDataset(args.dataset, args.data_root, split["train"], label_set,
-                                    train_augmentation(crop, base, photometric=args.photometric), cache=cache)
+                                    train_augmentation(crop, base), cache=cache)
     left = max(0.0, cache - (train_set.decoded_gb if train_set.cached else 0.0))
     val_set = SegmentationDataset(args.dataset, args.data_root, split["val"], label_set, cache=left)
     if len(train_set) < args.batch_size * ctx.world_size:

@@ -14,17 +14,12 @@ from typing import Callable
 from labels import LABEL_SETS
 from model import ARCHS
 from segmentation import UserError, quoted
-from segmentation.augmentation import PHOTOMETRIC_LEVELS
 from segmentation.checkpoint import load_checkpoint, require_training_state
 from segmentation.layouts import DATASETS
 from segmentation.loading import WEIGHTINGS
 
 # where and how it runs, not what: a resume may change these (a smaller machine, another log rate)
 RESUMABLE_FLAGS = {"resume", "device", "workers", "data_root", "deterministic", "cache_gb", "log_every"}
-
-
-# a setting newer than a checkpoint resumes as the run trained before it existed, not as the block now says
-BEFORE_THEY_EXISTED = {"photometric": "mild"}
 
 
 def readable(kind: type) -> Callable[[str], object]:
@@ -67,7 +62,6 @@ ACCEPTS = {
     "label_set": (lambda v: v in LABEL_SETS or (isinstance(v, (str, Path)) and str(v).endswith(".csv")),
                   "train | full | a class table file, e.g. \"data/camvid/camvid.csv\""),
     "class_weights": (lambda v: v in WEIGHTINGS, " | ".join(WEIGHTINGS)),
-    "photometric": (lambda v: v in PHOTOMETRIC_LEVELS, " | ".join(PHOTOMETRIC_LEVELS)),
     "data_root": (lambda v: isinstance(v, Path), "a folder, e.g. \"data/data_semantics\""),
     "out": (lambda v: v is None or isinstance(v, Path), "None or a folder, e.g. \"runs/fcn16-a\""),
     "seed": (lambda v: whole(v, 0), "a whole number, 0 or more"),
@@ -108,7 +102,7 @@ def args_from_checkpoint(state: dict, cli: argparse.Namespace, defaults: argpars
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
         raise UserError(f"--resume continues {cli.resume} exactly as it was configured, so {flags} cannot change; "
                         f"to train on with other settings start a new run with --init-from {quoted(cli.resume)}")
-    args = argparse.Namespace(**{**vars(defaults), **BEFORE_THEY_EXISTED, **state["config"]})
+    args = argparse.Namespace(**{**vars(defaults), **state["config"]})
     for key in ("data_root", "split_dir", "out", "init_from"):
         setattr(args, key, Path(getattr(args, key)) if getattr(args, key) else None)
     for key in RESUMABLE_FLAGS & set(cli.explicit):

@@ -47,8 +47,7 @@ def edited(tmp_path_factory):
               "BASE_SIZE": "96", "LR": "0.02", "MOMENTUM": "0.8", "WEIGHT_DECAY": "5e-4", "WARMUP_EPOCHS": "0.5",
               "POLY_POWER": "1", "LABEL_SET": '"full"', "CLASS_WEIGHTS": '"log"', "DATA_ROOT": f'"{root}"',
               "OUT_DIR": f'"{tmp / "edited run"}"', "SEED": "3", "AMP": "False", "DETERMINISTIC": "True",
-              "WORKERS": "1", "PRETRAINED": "False", "CACHE_GB": "0", "LOG_EVERY": "1",
-              "PHOTOMETRIC": '"strong"'}
+              "WORKERS": "1", "PRETRAINED": "False", "CACHE_GB": "0", "LOG_EVERY": "1"}
     assert sorted(values) == sorted(block_constants((ROOT / "main.py").read_text())), "a constant is not edited"
     return {"script": edited_copy(tmp / "copy", values), "run": tmp / "edited run"}
 
@@ -66,7 +65,6 @@ def test_every_constant_edited_in_a_copy_of_main_trains_with_those_values(edited
     assert (config["lr"], config["warmup_epochs"], config["poly_power"], config["seed"]) == (0.02, 0.5, 1, 3)
     assert (config["amp"], config["deterministic"], config["pretrained"]) == (False, True, False)
     assert (config["workers"], config["cache_gb"], config["log_every"], config["class_weights"]) == (1, 0, 1, "log")
-    assert config["photometric"] == "strong"
     groups = state["optimizer"]["param_groups"]
     assert groups[0]["momentum"] == 0.8 and groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0
     assert state["class_weights"] is not None and len(state["class_weights"]) == 34
