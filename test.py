@@ -155,7 +155,7 @@ def split_dir_for(args: argparse.Namespace, state: dict, root: Path) -> Path | N
     return None
 
 
-def evaluate_split(args, model, state, dataset: SegmentationDataset, device, writer) -> dict:
+def evaluate_split(args, model, state, dataset: SegmentationDataset, device, amp_dtype, writer) -> dict:
     names, label_set, dataset_name = dataset.names, dataset.label_set, state.get("config", {}).get("dataset", "kitti")
     loader = runtime.StopSafeLoader(dataset, 1, num_workers=args.workers, pin_memory=device.type == "cuda")
 
@@ -164,8 +164,7 @@ def evaluate_split(args, model, state, dataset: SegmentationDataset, device, wri
         writer(index, names[index], prediction[0].to(torch.uint8).cpu().numpy(), image,
                None if truth is None else truth.numpy())
 
-    # the run's own validation: its precision (autocast on CUDA unless it trained with --no-amp), its loss weights
-    amp_dtype = runtime.amp_dtype_for(device, state.get("config", {}).get("amp", True))
+    # the run's own validation: its precision (see run), its loss weights
     weights = state.get("class_weights")
     start = time.perf_counter()
     confusion, loss = evaluate(model, loader, label_set.num_classes, device, amp_dtype, on_prediction=save,
@@ -186,16 +185,17 @@ def evaluate_split(args, model, state, dataset: SegmentationDataset, device, wri
 
 
 @torch.no_grad()
-def predict_images(args, model, dataset: ImageList, device, writer) -> dict:
+def predict_images(args, model, dataset: ImageList, device, amp_dtype, writer) -> dict:
     """Label-id PNGs (and pictures) for unlabelled images: a test split or a folder."""
     loader = runtime.StopSafeLoader(dataset, 1, num_workers=args.workers)
     line, start = ProgressLine(len(dataset), "predict"), time.perf_counter()
     for index, image in enumerate(loader):
-        prediction = class_map(predict(model, image, device, flip=args.flip, scales=tuple(args.scales)))
+        prediction = class_map(predict(model, image, device, amp_dtype, flip=args.flip, scales=tuple(args.scales)))
         writer(index, dataset.names[index], prediction[0].to(torch.uint8).cpu().numpy(), image[0])
         line.update()
     line.close()
-    return {"num_images": len(dataset), "images_per_second": len(dataset) / (time.perf_counter() - start)}
+    return {"num_images": len(dataset), "images_per_second": len(dataset) / (time.perf_counter() - start),
+            "precision": runtime.precision_name(amp_dtype)}
 
 
 def is_video(path: Path) -> bool:
@@ -246,7 +246,7 @@ class VideoWriter:
 
 
 @torch.no_grad()
-def predict_video(args, model, label_set: LabelSet, device) -> dict:
+def predict_video(args, model, label_set: LabelSet, device, amp_dtype) -> dict:
     """An overlay video (the frame blended with its colour-coded prediction) beside the input's frame rate."""
     frames = VideoFrames(args.images)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -254,14 +254,15 @@ def predict_video(args, model, label_set: LabelSet, device) -> dict:
     count, start = 0, time.perf_counter()
     try:
         for frame in frames:
-            prediction = class_map(predict(model, frame[None], device, flip=args.flip, scales=tuple(args.scales)))
+            prediction = class_map(predict(model, frame[None], device, amp_dtype, flip=args.flip,
+                                           scales=tuple(args.scales)))
             color = colorize(prediction[0].to(torch.uint8).cpu().numpy(), label_set)
             video.write(((frame.permute(1, 2, 0).numpy().astype(np.uint16) + color) // 2).astype(np.uint8))
             count += 1
     finally:
         video.close()
     return {"num_images": count, "images_per_second": count / (time.perf_counter() - start),
-            "video": str(video.path)}
+            "precision": runtime.precision_name(amp_dtype), "video": str(video.path)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -277,16 +278,18 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--out {args.out} is a training run's folder, whose metrics.csv this evaluation would "
                         f"replace; give another folder, e.g. {args.out / 'test'}")
     check_writable(args.out)
+    # every input at the run's precision (autocast on CUDA unless it trained with --no-amp), as its validation was
+    amp_dtype = runtime.amp_dtype_for(device, config.get("amp", True))
     if args.images is not None and is_video(args.images):
-        return predict_video(args, model, label_set, device)
+        return predict_video(args, model, label_set, device, amp_dtype)
     split_dir = split_dir_for(args, state, root)
     if args.images is not None or (args.split == "test" and not (split_dir and (split_dir / "test.txt").is_file())):
         # a folder, or a test split without public labels (KITTI's, Cityscapes'): predictions only
         items = list_images(args.images) if args.images is not None else list_test_images(dataset_name, root)
-        return predict_images(args, model, ImageList(items), device, prediction_writer(args, label_set))
+        return predict_images(args, model, ImageList(items), device, amp_dtype, prediction_writer(args, label_set))
     names = labelled_names(dataset_name, root, args.split, split_dir)
     dataset = SegmentationDataset(dataset_name, root, names, label_set)
-    return evaluate_split(args, model, state, dataset, device, prediction_writer(args, label_set))
+    return evaluate_split(args, model, state, dataset, device, amp_dtype, prediction_writer(args, label_set))
 
 
 def prediction_writer(args: argparse.Namespace, label_set: LabelSet) -> PredictionWriter:
@@ -301,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
                                                 "interrupt, and no metrics"):
             result = run(args)
         unit = "frames" if "video" in result else "images"
-        print(f"{result['num_images']} {unit} at {result['images_per_second']:.1f} {unit}/s; outputs in {args.out}")
+        print(f"{result['num_images']} {unit} at {result['images_per_second']:.1f} {unit}/s ({result['precision']}); "
+              f"outputs in {args.out}")
     except UserError as error:
         sys.exit(f"error: {error}")
     except OSError as error:

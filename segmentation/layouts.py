@@ -222,8 +222,9 @@ def split_source(dataset: str, root: Path, split_dir: Path | None) -> str:
     """Where a run's train/val names come from, for its start line."""
     if split_dir is not None:
         return f"split from {split_dir}"
-    if root_split_dir(root) is not None:
-        return f"split from {root_split_dir(root)} (the data root's own)"
+    own = root_split_dir(root)
+    if own is not None:
+        return f"split from {own} (the data root's own)"
     held_out = held_out_names(root)
     return (f"split: {get_layout(dataset).default_source}" +
             (f", less the {len(held_out)} test names of {Path(root) / ROOT_SPLITS / 'test.txt'}" if held_out else ""))
@@ -236,9 +237,9 @@ def default_split_for(dataset: str, root: Path) -> dict[str, list[str]]:
     own = root_split_dir(root)
     if own is None:
         return get_layout(dataset).default_split(Path(root), held_out_names(root))
-    split = {name: split_file_names(dataset, root, own / f"{name}.txt") for name in ("train", "val")}
-    if (own / "test.txt").is_file():
-        split["test"] = split_file_names(dataset, root, own / "test.txt")
+    labelled = set(get_layout(dataset).labelled(Path(root)))  # listed once for the two or three files
+    files = [name for name in ("train", "val", "test") if (own / f"{name}.txt").is_file()]
+    split = {name: split_file_names(dataset, root, own / f"{name}.txt", labelled) for name in files}
     check_disjoint(split, own)
     return {name: split[name] for name in ("train", "val")}
 
@@ -257,13 +258,14 @@ def check_disjoint(split: dict[str, list[str]], folder: Path) -> None:
 
 def labelled_names(dataset: str, root: Path, split: str, split_dir: Path | None = None) -> list[str]:
     """Names in a labelled split: ``split_dir/<split>.txt`` if given (any split it names, e.g. a labelled test.txt),
-    else ``default_split_for`` (``ROOT/splits/<split>.txt`` for other splits); ``trainval`` is train + val."""
-    split_dir = split_dir if split_dir is not None or split in LABELLED_SPLITS else Path(root) / ROOT_SPLITS
-    if split not in LABELLED_SPLITS and not (split_dir / f"{split}.txt").is_file():
-        raise UserError(f"unknown labelled split {split!r}; choose one of {', '.join(LABELLED_SPLITS)}")
-    if split == "trainval" or split_dir is None:
+    else ``default_split_for``; ``trainval`` is train + val. Which folder holds a test.txt is the caller's
+    question (test.py's ``split_dir_for``)."""
+    if split == "trainval" or (split_dir is None and split in LABELLED_SPLITS):
         default = default_split_for(dataset, root)
         return sorted(default["train"] + default["val"]) if split == "trainval" else default[split]
+    if split_dir is None:
+        raise UserError(f"unknown labelled split {split!r}; choose one of {', '.join(LABELLED_SPLITS)}, or give "
+                        f"a split folder holding {split}.txt")
     path = Path(split_dir) / f"{split}.txt"
     if not path.is_file():
         raise UserError(f"{path} is missing: a split folder needs train.txt and val.txt, one image name a line")
@@ -274,13 +276,15 @@ def read_names(path: Path) -> list[str]:
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def split_file_names(dataset: str, root: Path, path: Path) -> list[str]:
-    """The names in a split file, each once and each a labelled image of ``root``."""
+def split_file_names(dataset: str, root: Path, path: Path, labelled: set[str] | None = None) -> list[str]:
+    """The names in a split file, each once and each a labelled image of ``root`` (``labelled``: those names, if
+    the caller has listed them already)."""
     names = read_names(path)
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:  # a repeated val name would be scored twice
         raise UserError(f"{path}: {', '.join(repeated[:5])} listed more than once; keep each name once")
-    unknown = sorted(set(names) - set(get_layout(dataset).labelled(Path(root))))
+    labelled = labelled if labelled is not None else set(get_layout(dataset).labelled(Path(root)))
+    unknown = sorted(set(names) - labelled)
     if unknown:
         raise UserError(f"{path}: names not among the labelled images of {root}: {', '.join(unknown[:5])}")
     return names

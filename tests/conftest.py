@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import cv2
 import pytest
 
 from segmentation.synthetic import write_synthetic_kitti
@@ -30,6 +31,15 @@ def one_line_error(entry_point, argv) -> str:
     message = str(stop.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     return message
+
+
+def write_video(path: Path, frames_bgr: list, fps: float = 10.0) -> None:
+    """An MP4 file (OpenCV's mp4v) of BGR frames, as test.py --images reads it."""
+    height, width = frames_bgr[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    for frame in frames_bgr:
+        writer.write(frame)
+    writer.release()
 
 
 def train_argv(data_root: Path, out: Path, *extra: str) -> list[str]:

@@ -1,5 +1,6 @@
 """Figures that must agree: validation loss and training loss are one definition (class weights included),
-test.py on best.pt reproduces the run's own validation, a metrics.csv row describes one class set, its lr is the
+test.py on best.pt reproduces the run's own validation and predicts folders and videos at the run's precision, a
+metrics.csv row describes one class set, its lr is the
 rate the epoch trained at, and WARMUP_EPOCHS = 0 means no warm-up."""
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import csv
 import json
 import types
 
+import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import train_argv
+from conftest import train_argv, write_video
 
 import main
 import test as evaluation
 from labels import get_label_set
+from segmentation import engine
 from segmentation.engine import EpochProgress, evaluate, make_optimizer, segmentation_loss
 from segmentation.metrics import evaluation_report
 from segmentation.records import epoch_record
@@ -62,6 +65,27 @@ def test_test_py_on_best_pt_reproduces_the_runs_validation_exactly(synthetic_roo
     assert scored["benchmark_mIoU"] == state["best_miou"] == best["val_mIoU"]  # exactly: the same computation
     assert scored["loss"] == pytest.approx(best["val_loss"], rel=1e-12)  # both weighted by the run's weights
     assert scored["precision"] == ("float32" if device == "cpu" else "bfloat16 autocast")
+
+
+def test_folders_and_videos_are_predicted_at_the_runs_precision_like_its_split(trained_run, synthetic_root,
+                                                                             tmp_path, monkeypatch):
+    """CPU autocast in bfloat16 stands in for a GPU's: the run's --amp setting must reach every path of test.py,
+    so that a folder holding the val images gets the label-id PNGs the val evaluation writes."""
+    monkeypatch.setattr(evaluation.runtime, "amp_dtype_for", lambda device, amp: torch.bfloat16 if amp else None)
+    precisions, real_autocast = [], engine.autocast
+    monkeypatch.setattr(engine, "autocast", lambda device, dtype: precisions.append(dtype) or real_autocast(device,
+                                                                                                            dtype))
+    common = ["--checkpoint", str(trained_run / "best.pt"), "--device", "cpu", "--workers", "0", "--num-visuals", "0"]
+    evaluation.main([*common, "--split", "val", "--out", str(tmp_path / "val")])
+    evaluation.main([*common, "--images", str(synthetic_root / "training" / "image_2"), "--out", str(tmp_path / "dir")])
+    frames = [cv2.imread(str(p)) for p in sorted((synthetic_root / "testing" / "image_2").glob("*.png"))]
+    write_video(tmp_path / "drive.mp4", frames)
+    evaluation.main([*common, "--images", str(tmp_path / "drive.mp4"), "--out", str(tmp_path / "video")])
+    assert precisions and set(precisions) == {torch.bfloat16}
+    val_names = (trained_run / "val.txt").read_text().split()
+    for name in val_names:
+        assert np.array_equal(cv2.imread(str(tmp_path / "val" / "pred_labelIds" / f"{name}.png"), cv2.IMREAD_UNCHANGED),
+                              cv2.imread(str(tmp_path / "dir" / "pred_labelIds" / f"{name}.png"), cv2.IMREAD_UNCHANGED))
 
 
 def test_a_metrics_row_scores_the_benchmark_classes_only_in_the_full_label_set():

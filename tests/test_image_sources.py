@@ -2,18 +2,11 @@
 import cv2
 import numpy as np
 import torch
+from conftest import write_video
 
 import test as evaluation
 from segmentation.layouts import list_images
 from test import VideoFrames
-
-
-def write_video(path, frames_bgr, fps=10.0):
-    height, width = frames_bgr[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    for frame in frames_bgr:
-        writer.write(frame)
-    writer.release()
 
 
 def test_a_folder_of_png_and_jpeg_files_is_listed_by_name_and_other_files_are_skipped(tmp_path):

@@ -13,6 +13,7 @@ from conftest import one_line_error, train_argv
 
 import main
 import test as evaluation
+from segmentation import layouts
 from segmentation.layouts import default_split_for, labelled_names, read_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_without_train_and_val_files_the_default_split_leaves_the_roots_test_nam
     (writable_tree / "splits" / "test.txt").write_text("\n".join(names[:3]) + "\n")
     after = default_split_for("kitti", writable_tree)
     assert sorted(after["train"] + after["val"]) == names[3:]
-    assert labelled_names("kitti", writable_tree, "test") == names[:3]
+    assert labelled_names("kitti", writable_tree, "test", writable_tree / "splits") == names[:3]
 
 
 @pytest.mark.parametrize("files, message", [({"train": [0, 1, 2, 3], "val": [3, 4]}, "in both train.txt and val.txt"),
@@ -95,3 +96,14 @@ def test_a_split_dir_given_by_name_may_still_train_on_test_names(writable_tree, 
     (mine / "train.txt").write_text("\n".join(names[:8]) + "\n")
     (mine / "val.txt").write_text("\n".join(names[8:]) + "\n")
     assert labelled_names("kitti", writable_tree, "train", mine)[0] == names[0]
+
+
+def test_a_roots_three_split_files_are_checked_against_one_listing_of_its_labels(writable_tree, monkeypatch):
+    names = sorted(p.stem for p in (writable_tree / "training" / "semantic").glob("*.png"))
+    (writable_tree / "splits").mkdir()
+    for split, part in (("train", names[:6]), ("val", names[6:8]), ("test", names[8:])):
+        (writable_tree / "splits" / f"{split}.txt").write_text("\n".join(part) + "\n")
+    listings, real_list = [], layouts.list_labelled
+    monkeypatch.setattr(layouts, "list_labelled", lambda root: listings.append(root) or real_list(root))
+    assert default_split_for("kitti", writable_tree) == {"train": names[:6], "val": names[6:8]}
+    assert len(listings) == 1  # a Cityscapes-sized root is not walked once per file
