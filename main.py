@@ -63,7 +63,7 @@ DATASET = "kitti"                # kitti | cityscapes (official layout; see READ
 EPOCHS = 50                      # passes over the training split (160 images for KITTI)
 BATCH_SIZE = 8                   # images per step and per process (DDP: total = BATCH_SIZE x processes)
 CROP_SIZE = None                 # training crop, H or (H, W) pixels; None: KITTI 320x320, Cityscapes 512x1024
-BASE_SIZE = None                 # scaling draws the shorter side from 0.5-2.0 x this; None: the frame height
+BASE_SIZE = None                 # scaling draws the shorter side from 0.5-2.0 x this; None: KITTI 375, Cityscapes 1024
 LR = 0.01                        # peak SGD learning rate, reached after warm-up (not scaled with DDP)
 MOMENTUM = 0.9                   # SGD momentum, in [0, 1)
 WEIGHT_DECAY = 1e-4              # L2 on convolution weights (not on BatchNorm, biases or the x2 upsampling)
