@@ -94,6 +94,7 @@ def assert_same_history(resumed: list[dict], straight: list[dict]) -> None:
 def test_ctrl_c_inside_an_optimizer_step_mid_log_window_resumes_to_the_same_weights_and_history(
         synthetic_root, trained_run, tmp_path, monkeypatch):
     real_step, calls = torch.optim.SGD.step, []
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN where pytest runs as a background job
 
     def step_interrupted_on_its_seventh_call(self, *args, **kwargs):
         calls.append(1)
@@ -115,7 +116,7 @@ def test_ctrl_c_inside_an_optimizer_step_mid_log_window_resumes_to_the_same_weig
     assert_same_history(history_without_timings(run), history_without_timings(trained_run))
     resumed, straight = (torch.load(r / "last.pt", weights_only=True)["rng_cpu"] for r in (run, trained_run))
     assert torch.equal(resumed, straight)  # the global generator too: nothing drew from it out of step
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored after the run
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored after the run
 
 
 def test_ctrl_c_during_validation_saves_the_finished_epoch_and_resumes_exactly_on_the_runs_own_split(

@@ -19,10 +19,16 @@ from test_main import assert_same_weights, final_weights
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def default_interrupt() -> None:
+    """SIGINT back to its default in the child: a shell starts background jobs (pytest run with ``&``) with it
+    ignored, which their children inherit, and a Python started so keeps ignoring Ctrl-C, as nohup intends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(argv: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
     """A command in a process group of its own (as a shell job or a batch job is), output merged and piped."""
     return subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, **(env or {})})
+                            start_new_session=True, env={**os.environ, **(env or {})}, preexec_fn=default_interrupt)
 
 
 def process_tree(pid: int) -> list[int]:
