@@ -41,8 +41,9 @@ from segmentation.layouts import DATASETS, default_split_for, get_layout, list_t
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# a joint augmentation: (image, label, generator or None) -> (image, label), e.g. augmentation.TrainAugmentation
-Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator | None], tuple[torch.Tensor, torch.Tensor]]
+# a joint augmentation: (image, label, generator or None[, zoom]) -> (image, label), e.g. augmentation.TrainAugmentation;
+# zoom (a resolution stage's scale) is passed only when it is not 1
+Transform = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 KITTI_URL = "https://s3.eu-central-1.amazonaws.com/avg-kitti/data_semantics.zip"
 KITTI_COUNTS = {"training/image_2": 200, "training/semantic": 200, "testing/image_2": 200}
 
@@ -167,16 +168,17 @@ class SegmentationDataset(Dataset):
             return self._cache[index][1]
         return self.label_set.id_to_class[read_label(self.paths[index][1], self.label_set, self.layout.label_hint)]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """``(uint8 image (3, H, W), uint8 label (H, W))``, transformed. With a ``seed`` (``key = (index, seed)``)
         the transform draws from a generator seeded with it, so a sample is augmented the same way in whichever
-        worker makes it; without one, from the global generator."""
-        index, seed = key if isinstance(key, tuple) else (key, None)
+        worker makes it; without one, from the global generator. ``key = (index, seed, zoom)`` also passes the
+        resolution stage's scale to the transform."""
+        index, seed, zoom = (*key, 1.0)[:3] if isinstance(key, tuple) else (key, None, 1.0)
         image, label = self._cache[index] if self._cache is not None else self._load(index)
         image, label = torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(label)
         if self.transform is not None:
             generator = None if seed is None else torch.Generator().manual_seed(seed)
-            image, label = self.transform(image, label, generator)
+            image, label = self.transform(image, label, generator, *([zoom] if zoom != 1 else []))
         return image.contiguous(), label.contiguous()
 
 

@@ -41,6 +41,8 @@ from segmentation.engine import (
     evaluate,
     make_optimizer,
     segmentation_loss,
+    stage_of,
+    stage_plan,
     to_model_input,
     train_one_epoch,
 )
@@ -55,12 +57,14 @@ from segmentation.records import (
     epoch_record,
     plan_run_dir,
 )
-from segmentation.settings import check_args, load_resume_state, readable
+from segmentation.settings import check_args, load_resume_state, readable, stage_pair
 
 # ---- Hyperparameters: edit here, or override with the flag of the same name (--batch-size for BATCH_SIZE) ----
 ARCH = "fcn16"                   # fcn32 | fcn16 | fcn8
 DATASET = "kitti"                # kitti | cityscapes (official layout; see README "From Cityscapes to KITTI")
-EPOCHS = 50                      # passes over the training split (160 images for KITTI)
+EPOCHS = 50                      # passes over the training split (160 images for KITTI), all stages together
+STAGES = ()                      # resolution stages first: (scale, epochs) pairs, e.g. ((0.5, 30),) trains 30 epochs on
+                                 # images, crops and val at half scale, then the rest of EPOCHS at full scale
 BATCH_SIZE = 8                   # images per step and per process (DDP: total = BATCH_SIZE x processes)
 CROP_SIZE = None                 # training crop, H or (H, W) pixels; None: KITTI 320x320, Cityscapes 512x1024
 BASE_SIZE = None                 # scaling draws the shorter side from 0.5-2.0 x this; None: KITTI 375, Cityscapes 1024
@@ -92,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                               ("warmup-epochs", WARMUP_EPOCHS, float), ("poly-power", POLY_POWER, float),
                               ("seed", SEED, int), ("log-every", LOG_EVERY, int)):
         p.add_argument(f"--{name}", type=readable(kind), default=value, help="(default %(default)s)")
+    p.add_argument("--stages", type=stage_pair, nargs="*", default=STAGES, metavar="SCALE:EPOCHS",
+                   help="resolution stages before the full-scale epochs, e.g. --stages 0.5:30; none: --stages "
+                   "(default %(default)s)")
     p.add_argument("--crop-size", type=readable(int), nargs="+", default=CROP_SIZE, metavar="H [W]",
                    help="training crop (default %(default)s; None: the dataset's)")
     p.add_argument("--base-size", type=readable(int), default=BASE_SIZE,
@@ -211,7 +218,9 @@ def train(args: argparse.Namespace) -> Path:
             write_split(data.split, run_dir)
         elif ctx.is_main:
             republish_best(run_dir, state)
+        plan = stage_plan(args.stages, args.epochs)
         for epoch in range(start_epoch, args.epochs):
+            scale = stage_of(plan, epoch).scale  # the loader's samples come at this scale (SeededTrainSampler)
             try:
                 finished = train_one_epoch(net, train_step, batches, progress, stop, f"epoch {epoch + 1}/{args.epochs}",
                                            args.log_every, ctx.is_main)
@@ -227,9 +236,9 @@ def train(args: argparse.Namespace) -> Path:
             runtime.broadcast_buffers(model)  # every rank scores (and rank 0 saves) rank 0's BatchNorm statistics
             start = time.perf_counter()
             confusion, val_loss = evaluate(model, data.val_loader, label_set.num_classes, ctx.device, amp_dtype,
-                                           show=ctx.is_main, class_weights=class_weights,
-                                           on_prediction=tensorboard.keep_overlays(data.val_loader) if ctx.is_main
-                                           else None)
+                                           show=ctx.is_main, class_weights=class_weights, zoom=scale,
+                                           on_prediction=tensorboard.keep_overlays(data.val_loader)
+                                           if ctx.is_main and scale == 1 else None)
             # every rank holds the summed confusion matrix and rank 0's weights, so every rank makes the same checks
             # and stops with the same line (a check on rank 0 alone left the others waiting in a collective)
             report = evaluation_report(confusion.matrix, label_set)
@@ -243,8 +252,9 @@ def train(args: argparse.Namespace) -> Path:
             if ctx.is_main:
                 lr = epoch_lr(scheduler, epoch, steps_per_epoch)
                 history.append(epoch_record(epoch + 1, lr, trained, val_loss, report, time.perf_counter() - start,
-                                            ctx.device))
-                is_best, best_miou = report["benchmark_mIoU"] > best_miou, max(best_miou, report["benchmark_mIoU"])
+                                            ctx.device, scale))
+                is_best = scale == 1 and report["benchmark_mIoU"] > best_miou  # a reduced stage's score is another's
+                best_miou = report["benchmark_mIoU"] if is_best else best_miou
                 checkpoints.submit(snapshot(epoch + 1), run_dir / "last.pt", run_dir / "best.pt" if is_best else None)
                 history_writer.write(history, final=epoch + 1 == args.epochs)
                 tensorboard.epoch(history[-1])

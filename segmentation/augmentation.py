@@ -33,23 +33,28 @@ class RandomScaleCrop(v2.Transform):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.base_size, self.scale_range = base_size, scale_range
 
-    def draw(self, height: int, width: int, generator: torch.Generator | None = None) -> dict:
-        """The window in original pixels (and the shorter side it scales to) for an image of this size."""
-        base = self.base_size or min(height, width)
+    def draw(self, height: int, width: int, generator: torch.Generator | None = None, zoom: float = 1.0) -> dict:
+        """The window in original pixels (and the shorter side it scales to) for an image of this size. ``zoom``
+        (a resolution stage's scale, e.g. 0.5) multiplies the base and crop sizes: the sample is the one the
+        image resized by ``zoom`` would give at the zoomed sizes, made without resizing the whole image."""
+        base = (self.base_size or min(height, width)) * zoom
+        size = self.size if zoom == 1 else tuple(max(1, round(s * zoom)) for s in self.size)
         low, high = int(self.scale_range[0] * base), int(self.scale_range[1] * base)
         short_side = int(torch.randint(low, high + 1, (), generator=generator))  # randint excludes its upper bound
         scale = short_side / min(height, width)
-        window_h, window_w = (max(1, round(s / scale)) for s in self.size)  # the crop's extent in original pixels
+        window_h, window_w = (max(1, round(s / scale)) for s in size)  # the crop's extent in original pixels
         top = int(torch.randint(min(0, height - window_h), max(0, height - window_h) + 1, (), generator=generator))
         left = int(torch.randint(min(0, width - window_w), max(0, width - window_w) + 1, (), generator=generator))
-        return {"top": top, "left": left, "height": window_h, "width": window_w, "short_side": short_side}
+        return {"top": top, "left": left, "height": window_h, "width": window_w, "short_side": short_side,
+                "size": size}
 
     def crop(self, inpt: torch.Tensor, params: dict, is_mask: bool) -> torch.Tensor:
         """Resize the part of the window inside the (C, H, W) image or (H, W) mask, then pad it to ``size``."""
         top, left, window_h, window_w = params["top"], params["left"], params["height"], params["width"]
         height, width = inpt.shape[-2:]
         y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + window_h, height), min(left + window_w, width)
-        (size_h, size_w), zoom_y, zoom_x = self.size, self.size[0] / window_h, self.size[1] / window_w
+        size_h, size_w = params.get("size", self.size)
+        zoom_y, zoom_x = size_h / window_h, size_w / window_w
         pad_top, pad_left = round((y0 - top) * zoom_y), round((x0 - left) * zoom_x)
         out_h = min(max(1, round((y1 - y0) * zoom_y)), size_h - pad_top)
         out_w = min(max(1, round((x1 - x0) * zoom_x)), size_w - pad_left)
@@ -81,7 +86,8 @@ class TrainAugmentation:
     jitter of the image (brightness, contrast and saturation factors each from 1 +- ``jitter``, applied in a
     random order, as ``v2.ColorJitter`` does).
 
-    Called as ``augment(image (3, H, W), label (H, W), generator)`` on tensors on any device. Every random
+    Called as ``augment(image (3, H, W), label (H, W), generator, zoom)`` on tensors on any device; ``zoom`` is
+    the resolution stage's scale (``RandomScaleCrop.draw``). Every random
     number comes from ``generator`` (the global one if None) and is drawn on the CPU before any pixel is
     touched, so a seeded generator gives the same sample whichever process makes it. It calls the functional
     kernels directly rather than through transforms-v2 ``Transform`` objects, whose Python dispatch costs more
@@ -95,9 +101,9 @@ class TrainAugmentation:
         self.scale_crop = RandomScaleCrop(crop_size, base_size, scale_range)
         self.jitter = jitter
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self.scale_crop.draw(*image.shape[-2:], generator=generator)
+    def __call__(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator | None = None,
+                 zoom: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        params = self.scale_crop.draw(*image.shape[-2:], generator=generator, zoom=zoom)
         flip = bool(torch.rand((), generator=generator) < 0.5)
         factors = torch.empty(3).uniform_(1 - self.jitter, 1 + self.jitter, generator=generator).tolist()
         order = torch.randperm(3, generator=generator).tolist()
@@ -115,3 +121,13 @@ def train_augmentation(crop_size: int | tuple[int, int], base_size: int | None =
     int is square) with padding (image 0, label 255), horizontal flip, mild colour jitter (image only). Each
     dataset's layout (layouts.py) holds its base and crop size."""
     return TrainAugmentation(crop_size, base_size, scale_range)
+
+
+def zoomed(images: torch.Tensor, labels: torch.Tensor, zoom: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, H, W) uint8 images and (N, H, W) labels resized by ``zoom``, as a resolution stage validates:
+    images by antialiased bilinear (an area average when shrinking), labels by ``NEAREST_EXACT``."""
+    if zoom == 1:
+        return images, labels
+    size = [max(1, round(side * zoom)) for side in images.shape[-2:]]
+    return (TF.resize_image(images, size, InterpolationMode.BILINEAR, antialias=True),
+            TF.resize_image(labels[:, None], size, InterpolationMode.NEAREST_EXACT)[:, 0])

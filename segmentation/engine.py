@@ -8,7 +8,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from data_preprocessing import normalize
 from labels import IGNORE_INDEX
+from segmentation.augmentation import zoomed
 from segmentation.metrics import ConfusionMatrix
 from segmentation.runtime import StopRequest, on_any_rank
 
@@ -191,18 +192,21 @@ def score_batch(scores: torch.Tensor, target: torch.Tensor,
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, amp_dtype: torch.dtype | None = None,
              show: bool = True, on_prediction: Callable[[int, torch.Tensor], None] | None = None,
-             class_weights: torch.Tensor | None = None, **predict_options) -> tuple[ConfusionMatrix, float]:
+             class_weights: torch.Tensor | None = None, zoom: float = 1.0,
+             **predict_options) -> tuple[ConfusionMatrix, float]:
     """One confusion matrix and the mean loss over the whole loader, summed over DDP ranks. The loss is the
     training loss's definition: with ``class_weights`` each pixel's term weighs as its class, divided by the sum of
     the weights (``segmentation_loss``), so a weighted run's train and val losses are one quantity.
 
-    ``on_prediction(batch_index, (N, H, W) class map)`` lets test.py save predictions.
+    ``on_prediction(batch_index, (N, H, W) class map)`` lets test.py save predictions. ``zoom`` scores images
+    and labels resized by it (``augmentation.zoomed``): a reduced resolution stage validates at its own scale.
     """
     model.eval()
     confusion = ConfusionMatrix(num_classes, device)
     loss_and_count = torch.zeros(2, dtype=torch.float64, device=device)
     line = ProgressLine(len(loader), "val", show)
     for batch_index, (images, labels) in enumerate(loader):
+        images, labels = zoomed(images, labels, zoom)
         scores = predict(model, images, device, amp_dtype, **predict_options)
         target = labels.to(device, non_blocking=True).long()
         loss, prediction = score_batch(scores, target, class_weights)
@@ -219,6 +223,29 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, a
         dist.all_reduce(loss_and_count)
     loss, count = loss_and_count.tolist()
     return confusion, loss / count if count else float("nan")
+
+
+class Stage(NamedTuple):
+    """Epochs ``start`` to ``end`` (0-based, end excluded) trained at ``scale`` x the dataset's training sizes."""
+    scale: float
+    start: int
+    end: int
+
+
+def stage_plan(stages: tuple | list, epochs: int) -> list[Stage]:
+    """The run's resolution stages: STAGES' ``(scale, epochs)`` pairs in order, then full scale up to ``epochs``.
+    Each stage has its own warm-up and poly decay (``make_optimizer``), as a new run from the previous stage's
+    weights would; only full-scale epochs are scored for best.pt (a reduced stage validates at its own scale)."""
+    plan, start = [], 0
+    for scale, length in stages:
+        plan.append(Stage(float(scale), start, start + length))
+        start += length
+    return plan + [Stage(1.0, start, epochs)]
+
+
+def stage_of(plan: list[Stage], epoch: int) -> Stage:
+    """The stage that trains epoch ``epoch`` (0-based); past the end, the last."""
+    return next((stage for stage in plan if epoch < stage.end), plan[-1])
 
 
 def warmup_poly(step: int, warmup: int, total: int, power: float) -> float:
@@ -246,11 +273,13 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, steps_per_e
     """SGD with momentum, and one LambdaLR stepped every iteration: its whole state is the step count, so a
     resume restores the schedule exactly on any torch version (SequentialLR's restore has varied)."""
     optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
-    total = args.epochs * steps_per_epoch
-    warmup = 0 if args.warmup_epochs == 0 else min(max(1, round(args.warmup_epochs * steps_per_epoch)), total - 1)
+    plan = stage_plan(args.stages, args.epochs)
 
     def multiplier(step: int) -> float:
-        return warmup_poly(step, warmup, total, args.poly_power)
+        stage = stage_of(plan, step // steps_per_epoch)
+        total = (stage.end - stage.start) * steps_per_epoch
+        warmup = 0 if args.warmup_epochs == 0 else min(max(1, round(args.warmup_epochs * steps_per_epoch)), total - 1)
+        return warmup_poly(step - stage.start * steps_per_epoch, warmup, total, args.poly_power)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 

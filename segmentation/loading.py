@@ -32,6 +32,7 @@ from data_preprocessing import SegmentationDataset, default_cache_gb, image_size
 from labels import LabelSet
 from segmentation import UserError, runtime
 from segmentation.augmentation import train_augmentation
+from segmentation.engine import stage_of, stage_plan
 from segmentation.layouts import check_disjoint, default_split_for, get_layout, labelled_names, split_source
 
 # Loader workers see the decoded cache copy-on-write only when forked. Python 3.14 made forkserver Linux's default,
@@ -42,7 +43,8 @@ ENET_C = 1.02  # ENet's constant: caps the weight of a vanishing class at 1 / ln
 
 
 class SeededTrainSampler(Sampler):
-    """Shuffles once per epoch from (seed, epoch) and yields ``(index, augmentation_seed)`` pairs.
+    """Shuffles once per epoch from (seed, epoch) and yields ``(index, augmentation_seed, zoom)``: ``zoom`` is the
+    epoch's resolution stage scale (``plan``, engine.stage_plan; 1 without one), which the augmentation applies.
 
     Because each sample carries its own seed, a crop/flip/jitter is a pure function of (seed, epoch,
     position): the same for any worker count, after ``--resume``, and across DDP world sizes. Under DDP
@@ -52,8 +54,9 @@ class SeededTrainSampler(Sampler):
     ``set_epoch(epoch, skip)`` starts the epoch ``skip`` samples in (this rank's), for mid-epoch resume.
     """
 
-    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1, plan: list | None = None):
         self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+        self.plan = plan
         self.per_rank = -(-num_samples // world_size)
         self.epoch, self.skip = 0, 0
 
@@ -63,14 +66,15 @@ class SeededTrainSampler(Sampler):
     def __len__(self) -> int:
         return self.per_rank - self.skip
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, float]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g)
         order = order.repeat(-(-self.per_rank * self.world_size // self.num_samples))[: self.per_rank * self.world_size]
         sample_seeds = torch.randint(0, 2**62, (len(order),), generator=g)
         positions = range(self.rank, len(order), self.world_size)
+        zoom = stage_of(self.plan, self.epoch).scale if self.plan else 1.0
         for position in list(positions)[self.skip:]:
-            yield int(order[position]), int(sample_seeds[position])
+            yield int(order[position]), int(sample_seeds[position]), zoom
 
 
 class ShapeBatchSampler(Sampler):
@@ -217,7 +221,8 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
         raise UserError(f"{args.data_root}: {len(train_set)} training images are fewer than one batch "
                         f"({args.batch_size} x {ctx.world_size} processes); lower --batch-size")
     weights = loss_weights(train_set, args.class_weights, state)
-    sampler = SeededTrainSampler(len(train_set), args.seed, ctx.rank, ctx.world_size)
+    sampler = SeededTrainSampler(len(train_set), args.seed, ctx.rank, ctx.world_size,
+                                 stage_plan(args.stages, args.epochs))
     sizes = [image_size(image) for image, _ in val_set.paths]
     # batches help a GPU; on the CPU one full-size image at a time measured faster (docs/results.md)
     val_batches = ShapeBatchSampler(sizes, args.batch_size if ctx.device.type == "cuda" else 1, ctx.rank,

@@ -24,18 +24,19 @@ from segmentation.engine import EpochProgress
 
 STARTUP_FILES = {".lock", "train.txt", "val.txt", "metrics.csv", "class_iou.csv", "curves.png"}  # all but checkpoints
 EVENT_FILES = "events.out.tfevents."  # TensorBoard's; written beside the first last.pt, so a killed run may leave one
-HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
+HISTORY_FIELDS = ("epoch", "scale", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
                   "val_seconds", "peak_gpu_mb")
 CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at the end): matplotlib is slow
 
 
 def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float, report: dict, val_seconds: float,
-                 device: torch.device) -> dict:
+                 device: torch.device, scale: float = 1.0) -> dict:
     """One row of metrics.csv (and of class_iou.csv). Its val_mIoU and pixel_acc describe one class set, the
     benchmark's: the 19 Cityscapes classes in both Cityscapes label sets (the 34 ids' pixel accuracy would count
     unlabeled and ego-vehicle pixels that the mIoU ignores), a class table's own classes otherwise. class_iou.csv
-    holds each class of the run's own label set, named in its header. ``lr`` is the mean rate of the epoch's steps."""
-    return {"epoch": epoch, "lr": lr, "train_loss": progress.loss_sum / max(progress.step, 1), "val_loss": val_loss,
+    holds each class of the run's own label set, named in its header. ``lr`` is the mean rate of the epoch's steps;
+    ``scale`` the epoch's resolution stage (training and validation at that fraction of the dataset's sizes)."""
+    return {"epoch": epoch, "scale": scale, "lr": lr, "train_loss": progress.loss_sum / max(progress.step, 1), "val_loss": val_loss,
             "val_mIoU": report["benchmark_mIoU"], "pixel_acc": report["benchmark_pixel_acc"],
             "seconds": progress.seconds,
             "data_wait": progress.data_wait / max(progress.seconds, 1e-9), "val_seconds": val_seconds,
@@ -150,7 +151,7 @@ class TensorBoardLog:
                       file=sys.stderr, flush=True)
                 return
         step = row["epoch"]
-        for tag, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("lr", "lr"),
+        for tag, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("lr", "lr"), ("scale", "scale"),
                          ("val/mIoU", "val_mIoU"), ("val/pixel_acc", "pixel_acc")):
             self.writer.add_scalar(tag, row[key], step)
         for name, iou in zip(self.label_set.class_names, row["class_iou"]):
@@ -204,7 +205,8 @@ class HistoryWriter:
 
 
 def epoch_line(row: dict, epochs: int, is_best: bool) -> str:
-    line = (f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f}  val loss "
+    stage = f"  scale {row['scale']:g}" if row.get("scale", 1) != 1 else ""
+    line = (f"epoch {row['epoch']}/{epochs}{stage}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f}  val loss "
             f"{row['val_loss']:.4f}  mIoU {100 * row['val_mIoU']:.2f}%  pixel acc {100 * row['pixel_acc']:.2f}%  "
             f"train {row['seconds']:.1f} s (data wait {100 * row['data_wait']:.1f}%)  val {row['val_seconds']:.1f} s")
     if row["peak_gpu_mb"]:
@@ -222,9 +224,14 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss", yscale="log")  # early val losses can be 100s
     ax_loss.legend()
     ax_miou.plot(epochs, [100 * row["val_mIoU"] for row in history], color="tab:green")
-    ax_miou.set(xlabel="epoch", ylabel="mIoU (%)", title="validation mIoU")
+    ax_miou.set(xlabel="epoch", ylabel="mIoU (%)", title="validation mIoU (reduced stages at their scale)")
     for ax in (ax_loss, ax_miou):
         ax.grid(alpha=0.3)
+        for before, row in zip(history, history[1:]):  # a resolution stage starts: its scale, at its first epoch
+            if row.get("scale", 1) != before.get("scale", 1):
+                ax.axvline(row["epoch"] - 0.5, color="grey", linestyle=":")
+                ax.annotate(f"x{row.get('scale', 1):g}", (row["epoch"] - 0.5, 1), xycoords=("data", "axes fraction"),
+                            fontsize=8, va="top")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

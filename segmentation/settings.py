@@ -20,6 +20,8 @@ from segmentation.loading import WEIGHTINGS
 
 # where and how it runs, not what: a resume may change these (a smaller machine, another log rate)
 RESUMABLE_FLAGS = {"resume", "device", "workers", "data_root", "deterministic", "cache_gb", "log_every"}
+# a setting newer than a checkpoint resumes as the run trained before it existed, not as the block says now
+BEFORE_IT_EXISTED = {"stages": ()}
 
 
 def readable(kind: type) -> Callable[[str], object]:
@@ -31,6 +33,22 @@ def readable(kind: type) -> Callable[[str], object]:
         except ValueError:
             return text
     return convert
+
+
+def stage_pair(text: str) -> tuple[float, int] | str:
+    """--stages' ``SCALE:EPOCHS`` (e.g. ``0.5:30``) as ``(0.5, 30)``; text it cannot read is kept for
+    ``check_args`` to name."""
+    scale, _, epochs = text.partition(":")
+    try:
+        return float(scale), int(epochs)
+    except ValueError:
+        return text
+
+
+def stages_valid(value: object) -> bool:
+    return isinstance(value, (tuple, list)) and all(
+        isinstance(pair, (tuple, list)) and len(pair) == 2 and real(pair[0]) and 0 < pair[0] < 1 and whole(pair[1], 1)
+        for pair in value)
 
 
 MAX_SIDE = 8192  # pixels: a crop or base size beyond it is a slip (an extra digit) that would exhaust any memory
@@ -49,6 +67,7 @@ ACCEPTS = {
     "arch": (lambda v: v in ARCHS, " | ".join(ARCHS)),
     "dataset": (lambda v: v in DATASETS, " | ".join(DATASETS)),
     "epochs": (lambda v: whole(v, 1), "a whole number, at least 1"),
+    "stages": (stages_valid, "() or (scale, epochs) pairs, each scale in (0, 1), e.g. ((0.5, 30),) (--stages 0.5:30)"),
     "batch_size": (lambda v: whole(v, 1), "a whole number, at least 1"),
     "crop_size": (lambda v: v is None or (len(v) == 2 and all(whole(x, 32) and x <= MAX_SIDE for x in v)),
                   f"None, H or (H, W): whole numbers of pixels, each 32 to {MAX_SIDE}"),
@@ -89,6 +108,10 @@ def check_args(args: argparse.Namespace) -> None:
         if not accepts(value):
             shown = f"({', '.join(map(str, value))})" if isinstance(value, tuple) else repr(value)
             raise UserError(f"{name.upper()} = {shown} (--{name.replace('_', '-')}) is not valid: use {expected}")
+    args.stages = tuple(tuple(pair) for pair in args.stages)
+    if sum(epochs for _, epochs in args.stages) >= args.epochs:
+        raise UserError(f"STAGES = {args.stages} (--stages) take {sum(e for _, e in args.stages)} of EPOCHS = "
+                        f"{args.epochs} epochs; the run ends at full scale, so raise EPOCHS or shorten the stages")
     if args.resume and args.init_from:
         raise UserError("--resume and --init-from exclude each other: --resume continues a run, --init-from starts one")
 
@@ -102,7 +125,7 @@ def args_from_checkpoint(state: dict, cli: argparse.Namespace, defaults: argpars
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
         raise UserError(f"--resume continues {cli.resume} exactly as it was configured, so {flags} cannot change; "
                         f"to train on with other settings start a new run with --init-from {quoted(cli.resume)}")
-    args = argparse.Namespace(**{**vars(defaults), **state["config"]})
+    args = argparse.Namespace(**{**vars(defaults), **BEFORE_IT_EXISTED, **state["config"]})
     for key in ("data_root", "split_dir", "out", "init_from"):
         setattr(args, key, Path(getattr(args, key)) if getattr(args, key) else None)
     for key in RESUMABLE_FLAGS & set(cli.explicit):
