@@ -125,9 +125,10 @@ def train_augmentation(crop_size: int | tuple[int, int], base_size: int | None =
 
 def zoomed(images: torch.Tensor, labels: torch.Tensor, zoom: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, H, W) uint8 images and (N, H, W) labels resized by ``zoom``, as a resolution stage validates:
-    images by antialiased bilinear (an area average when shrinking), labels by ``NEAREST_EXACT``."""
+    images by area averaging (OpenCV's INTER_AREA, as a resized copy of the data would be), labels by
+    ``NEAREST_EXACT``."""
     if zoom == 1:
         return images, labels
     size = [max(1, round(side * zoom)) for side in images.shape[-2:]]
-    return (TF.resize_image(images, size, InterpolationMode.BILINEAR, antialias=True),
-            TF.resize_image(labels[:, None], size, InterpolationMode.NEAREST_EXACT)[:, 0])
+    averaged = torch.nn.functional.interpolate(images.float(), size, mode="area").round_().to(torch.uint8)
+    return averaged, TF.resize_image(labels[:, None], size, InterpolationMode.NEAREST_EXACT)[:, 0]
