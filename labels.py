@@ -177,7 +177,8 @@ def table_text(path: Path) -> str:
 def table_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
     """``(line number, {column: stripped cell})`` of each row. The separator is the header's: comma, semicolon
     (spreadsheets in locales with a decimal comma) or tab; header names are matched without case or spaces; blank,
-    comment (#) and all-empty rows (a spreadsheet's ",,,,") are skipped; every other mismatch is refused."""
+    comment (#) and all-empty rows (a spreadsheet's ",,,,") are skipped; a row that stops before the optional void
+    column has it empty; every other mismatch is refused."""
     lines = [(number, line) for number, line in enumerate(table_text(path).splitlines(), 1)
              if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
@@ -199,6 +200,8 @@ def table_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
             continue
         while len(cells) > len(header) and not cells[-1].strip():
             cells.pop()
+        if len(cells) < len(header) and set(header[len(cells):]).isdisjoint(TABLE_COLUMNS[:5]):
+            cells += [""] * (len(header) - len(cells))  # a hand-written row that leaves its empty void cell out
         if len(cells) != len(header):
             raise UserError(f"{path}, line {number}: {len(cells)} cells where the header has {len(header)}; a name "
                             f"that holds a {delimiter!r} needs quotes")

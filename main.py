@@ -208,63 +208,82 @@ def train(args: argparse.Namespace) -> Path:
                 "config": config_of(args), "history": history, "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None}
 
-    # 5. epochs: train, validate on full images, then (rank 0) metrics.csv, last.pt and best.pt, the log line
+    # 5. epochs: train -> validate -> keep (last.pt, best.pt) -> record, each a helper below
     checkpoints, history_writer, stopped = CheckpointWriter(), HistoryWriter(run_dir, label_set.class_names), None
-    tensorboard = TensorBoardLog(run_dir, label_set)  # event files where the tensorboard package is installed
-    batches = StartedEpoch(data.train_loader, data.sampler, start_epoch, skip=progress.step * args.batch_size)
+    tensorboard = TensorBoardLog(run_dir, label_set, start_epoch)  # where the tensorboard package is installed
+    plan, batches = stage_plan(args.stages, args.epochs), StartedEpoch(data.train_loader, data.sampler, start_epoch,
+                                                                        skip=progress.step * args.batch_size)
+
+    def validate(scale: float) -> tuple[dict | None, float, float]:
+        """The validation report (None for a final fit without val images), its loss and seconds. Every rank holds
+        the summed confusion matrix and rank 0's BatchNorm statistics, so every rank draws the same conclusions."""
+        runtime.broadcast_buffers(model)  # rank 0's statistics are the ones saved and scored
+        if data.val_loader is None:
+            return None, math.nan, 0.0
+        start = time.perf_counter()
+        confusion, val_loss = evaluate(model, data.val_loader, label_set.num_classes, ctx.device, amp_dtype,
+                                       show=ctx.is_main, class_weights=class_weights, zoom=scale,
+                                       on_prediction=tensorboard.keep_overlays(data.val_loader)
+                                       if ctx.is_main and scale == 1 else None)
+        report = evaluation_report(confusion.matrix, label_set)
+        if math.isnan(report["benchmark_mIoU"]):
+            raise UserError(f"{args.data_root}: the validation images hold no pixel of a scored class "
+                            "(every label is ignored or void), so no model can be scored; check the val labels")
+        return report, val_loss, time.perf_counter() - start
+
+    def diverged(what: str, finished: int) -> UserError:
+        """The line for a run whose loss or weights became non-finite, saying what last.pt keeps."""
+        runtime.on_main_rank(ctx, checkpoints.wait, share=False)
+        kept = (f"{run_dir / 'last.pt'} keeps epoch {finished}, the last whose weights were finite" if finished
+                else "no checkpoint was saved before it")
+        return UserError(f"{what}; {kept}; lower --lr, or try --no-amp")
+
+    def keep_and_record(epoch: int, trained: EpochProgress, report: dict | None, val_loss: float, seconds: float,
+                        scale: float) -> None:
+        """Rank 0: last.pt, and best.pt for the best full-scale epoch (a final fit's: its last), then the records."""
+        nonlocal best_miou
+        miou = report["benchmark_mIoU"] if report else math.nan
+        is_best = scale == 1 and (miou > best_miou if report else epoch + 1 == args.epochs)
+        best_miou = miou if is_best else best_miou
+        history.append(epoch_record(epoch + 1, epoch_lr(scheduler, epoch, steps_per_epoch), trained, val_loss,
+                                    report, seconds, ctx.device, scale))
+        checkpoints.submit(snapshot(epoch + 1), run_dir / "last.pt", run_dir / "best.pt" if is_best else None)
+        history_writer.write(history, final=epoch + 1 == args.epochs)
+        tensorboard.epoch(history[-1])
+        print(epoch_line(history[-1], args.epochs, is_best), flush=True)
+
     # the folder is made only now that data, model and resume state are checked; rank 0 holds its lock till the end
     with claimed_run_dir(ctx, run_dir, new=state is None), runtime.StopRequest(ctx.device, ctx.world_size) as stop:
         if ctx.is_main and state is None:
             write_split(data.split, run_dir)
         elif ctx.is_main:
             republish_best(run_dir, state)
-        plan = stage_plan(args.stages, args.epochs)
         for epoch in range(start_epoch, args.epochs):
-            scale = stage_of(plan, epoch).scale  # the loader's samples come at this scale (SeededTrainSampler)
+            scale = stage_of(plan, epoch).scale  # the sampler hands this epoch's samples this scale
             try:
                 finished = train_one_epoch(net, train_step, batches, progress, stop, f"epoch {epoch + 1}/{args.epochs}",
                                            args.log_every, ctx.is_main)
             except NonFiniteLoss as error:
-                raise UserError(f"{error} in epoch {epoch + 1}; {kept_checkpoint(checkpoints, run_dir, ctx)}; "
-                                "lower --lr, or try --no-amp") from None
+                raise diverged(f"{error} in epoch {epoch + 1}", epoch) from None
             if not finished:  # Ctrl-C or SIGTERM inside the epoch
                 stopped = f"at epoch {epoch + 1} step {progress.step}"
                 break
             if epoch + 1 < args.epochs:  # the loader workers prepare the next epoch while this one validates
                 batches = StartedEpoch(data.train_loader, data.sampler, epoch + 1)
             trained, progress = progress, EpochProgress()
-            runtime.broadcast_buffers(model)  # every rank scores (and rank 0 saves) rank 0's BatchNorm statistics
-            start = time.perf_counter()
-            confusion, val_loss = evaluate(model, data.val_loader, label_set.num_classes, ctx.device, amp_dtype,
-                                           show=ctx.is_main, class_weights=class_weights, zoom=scale,
-                                           on_prediction=tensorboard.keep_overlays(data.val_loader)
-                                           if ctx.is_main and scale == 1 else None)
-            # every rank holds the summed confusion matrix and rank 0's weights, so every rank makes the same checks
-            # and stops with the same line (a check on rank 0 alone left the others waiting in a collective)
-            report = evaluation_report(confusion.matrix, label_set)
-            if runtime.on_any_rank(math.isnan(report["benchmark_mIoU"]), ctx.device):
-                raise UserError(f"{args.data_root}: the validation images hold no pixel of a scored class "
-                                "(every label is ignored or void), so no model can be scored; check the val labels")
-            broken = runtime.first_found(non_finite(model))  # e.g. BatchNorm statistics overflowed, the loss finite
+            report, val_loss, seconds = validate(scale)
+            broken = non_finite(model)  # e.g. BatchNorm statistics overflowed, the loss finite; the same on every rank
             if broken:
-                raise UserError(f"epoch {epoch + 1} left {broken} with NaN or infinite values; "
-                                f"{kept_checkpoint(checkpoints, run_dir, ctx)}; lower --lr, or try --no-amp")
-            if ctx.is_main:
-                lr = epoch_lr(scheduler, epoch, steps_per_epoch)
-                history.append(epoch_record(epoch + 1, lr, trained, val_loss, report, time.perf_counter() - start,
-                                            ctx.device, scale))
-                is_best = scale == 1 and report["benchmark_mIoU"] > best_miou  # a reduced stage's score is another's
-                best_miou = report["benchmark_mIoU"] if is_best else best_miou
-                checkpoints.submit(snapshot(epoch + 1), run_dir / "last.pt", run_dir / "best.pt" if is_best else None)
-                history_writer.write(history, final=epoch + 1 == args.epochs)
-                tensorboard.epoch(history[-1])
-                print(epoch_line(history[-1], args.epochs, is_best), flush=True)
+                raise diverged(f"epoch {epoch + 1} left {broken} with NaN or infinite values", epoch)
+            # rank 0 writes; a write that failed (a full disk) stops every rank with its line
+            runtime.on_main_rank(ctx, lambda: keep_and_record(epoch, trained, report, val_loss, seconds, scale),
+                                 share=False)
             if stop.agreed() and epoch + 1 < args.epochs:  # a signal during validation: stop after the epoch
                 stopped = f"after epoch {epoch + 1}"
                 break
 
         # 6. the last write finishes (or its error is raised); an interrupted run saves where it stands, and exits 130
-        checkpoints.wait()
+        runtime.on_main_rank(ctx, checkpoints.wait, share=False)
         tensorboard.close()
         if stopped and ctx.is_main:
             if progress.step:  # inside an epoch: the finished steps are saved now
@@ -274,8 +293,10 @@ def train(args: argparse.Namespace) -> Path:
                   f"{quoted(run_dir / 'last.pt')}", flush=True)
         elif ctx.is_main:
             scored = "19-class benchmark" if label_set.class_to_train_id is not None else label_set.source
-            print(f"done: best val mIoU {100 * best_miou:.2f}% ({scored}); checkpoints, metrics.csv and "
-                  f"curves.png in {run_dir}\nevaluate with: python test.py --checkpoint {quoted(run_dir / 'best.pt')}")
+            chosen = f"best val mIoU {100 * best_miou:.2f}% ({scored})" if data.val_loader else \
+                "no validation: best.pt is the last epoch"
+            print(f"done: {chosen}; checkpoints, metrics.csv and curves.png in {run_dir}\nevaluate with: "
+                  f"python test.py --checkpoint {quoted(run_dir / 'best.pt')}", flush=True)
     net = train_step = None  # DDP's wrapper must be freed before the process group is left (runtime.cleanup)
     runtime.cleanup()
     if stopped:
@@ -313,18 +334,6 @@ def make_model(args: argparse.Namespace, ctx: runtime.Context, label_set: LabelS
     if args.sync_bn and ctx.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
-
-
-def kept_checkpoint(checkpoints: CheckpointWriter, run_dir: Path, ctx: runtime.Context) -> str:
-    """What the run folder keeps after training diverged: the last finite epoch's last.pt, or nothing. Rank 0
-    writes the checkpoints, so it says, and every rank (all call this together) prints the same line."""
-    def kept() -> str:
-        checkpoints.wait()
-        last = run_dir / "last.pt"
-        if not last.is_file():
-            return "no checkpoint was saved before it"
-        return f"{last} keeps epoch {load_checkpoint(last)['epoch']}, the last whose weights were finite"
-    return runtime.on_main_rank(ctx, kept)
 
 
 def describe(args, model, label_set, data_summary: str, ctx: runtime.Context, run_dir: Path) -> str:

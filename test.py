@@ -15,8 +15,10 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -179,8 +181,8 @@ def evaluate_split(args, model, state, dataset: SegmentationDataset, device, amp
     extra = {"num_images": len(dataset), "checkpoint": str(args.checkpoint), "dataset": dataset_name,
              "split": args.split, "label_set": label_set.name, "arch": state["arch"], "loss": loss,
              "precision": precision, "images_per_second": len(dataset) / seconds}
-    write_report(report, args.out, extra)
-    plot_confusion(confusion.matrix, label_set.class_names, args.out / "confusion.png")
+    write_report(report, writer.out, extra)
+    plot_confusion(confusion.matrix, label_set.class_names, writer.out / "confusion.png")
     return extra
 
 
@@ -246,11 +248,9 @@ class VideoWriter:
 
 
 @torch.no_grad()
-def predict_video(args, model, label_set: LabelSet, device, amp_dtype) -> dict:
-    """An overlay video (the frame blended with its colour-coded prediction) beside the input's frame rate."""
-    frames = VideoFrames(args.images)
-    args.out.mkdir(parents=True, exist_ok=True)
-    video = VideoWriter(args.out / f"{args.images.stem}_overlay.mp4", frames.fps)
+def predict_video(frames: VideoFrames, path: Path, args, model, label_set: LabelSet, device, amp_dtype) -> dict:
+    """An overlay video (the frame blended with its colour-coded prediction) at the input's frame rate."""
+    video = VideoWriter(path, frames.fps)
     count, start = 0, time.perf_counter()
     try:
         for frame in frames:
@@ -262,7 +262,39 @@ def predict_video(args, model, label_set: LabelSet, device, amp_dtype) -> dict:
     finally:
         video.close()
     return {"num_images": count, "images_per_second": count / (time.perf_counter() - start),
-            "precision": runtime.precision_name(amp_dtype), "video": str(video.path)}
+            "precision": runtime.precision_name(amp_dtype), "video": str(args.out / path.name)}
+
+
+OUTPUTS = ("pred_labelIds", "pred_color", "overlay", "confusion.png", "metrics.csv", "metrics.json")  # metrics last
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` for this run's outputs, moved into ``out`` once the run has finished: test.py's
+    outputs already there (a previous run's) are removed first, so ``out`` never mixes the figures of two runs, and
+    metrics.json comes last, so its presence means the rest is complete. An interrupted or failed run leaves ``out``
+    as it was. Other files in ``out`` are left alone."""
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    out.mkdir(exist_ok=True)
+    previous = [p for p in out.iterdir() if p.name in OUTPUTS or p.name.endswith("_overlay.mp4")]
+    for path in previous:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    made = {p.name: p for p in staging.iterdir()}
+    for name in sorted(made, key=lambda name: OUTPUTS.index(name) if name in OUTPUTS else -1):
+        made[name].rename(out / name)
+    staging.rmdir()
+    if previous:
+        print(f"replaced the outputs of the previous run in {out}")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -281,27 +313,34 @@ def run(args: argparse.Namespace) -> dict:
     # every input at the run's precision (autocast on CUDA unless it trained with --no-amp), as its validation was
     amp_dtype = runtime.amp_dtype_for(device, config.get("amp", True))
     if args.images is not None and is_video(args.images):
-        return predict_video(args, model, label_set, device, amp_dtype)
+        frames = VideoFrames(args.images)
+        with staged(args.out) as staging:
+            return predict_video(frames, staging / f"{args.images.stem}_overlay.mp4", args, model, label_set, device,
+                                 amp_dtype)
     split_dir = split_dir_for(args, state, root)
     if args.images is not None or (args.split == "test" and not (split_dir and (split_dir / "test.txt").is_file())):
         # a folder, or a test split without public labels (KITTI's, Cityscapes'): predictions only
         items = list_images(args.images) if args.images is not None else list_test_images(dataset_name, root)
-        return predict_images(args, model, ImageList(items), device, amp_dtype, prediction_writer(args, label_set))
+        with staged(args.out) as staging:
+            return predict_images(args, model, ImageList(items), device, amp_dtype,
+                                  prediction_writer(args, staging, label_set))
     names = labelled_names(dataset_name, root, args.split, split_dir)
     dataset = SegmentationDataset(dataset_name, root, names, label_set)
-    return evaluate_split(args, model, state, dataset, device, amp_dtype, prediction_writer(args, label_set))
+    with staged(args.out) as staging:
+        return evaluate_split(args, model, state, dataset, device, amp_dtype,
+                              prediction_writer(args, staging, label_set))
 
 
-def prediction_writer(args: argparse.Namespace, label_set: LabelSet) -> PredictionWriter:
+def prediction_writer(args: argparse.Namespace, out: Path, label_set: LabelSet) -> PredictionWriter:
     """Made once the input is known to be readable, so that a refused evaluation writes nothing."""
-    return PredictionWriter(args.out, label_set, sys.maxsize if args.save_all else args.num_visuals)
+    return PredictionWriter(out, label_set, sys.maxsize if args.save_all else args.num_visuals)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        with runtime.interrupts_end_in_one_line("the output folder keeps the predictions written before the "
-                                                "interrupt, and no metrics"):
+        with runtime.interrupts_end_in_one_line("the output folder keeps what it held before: this run's outputs "
+                                                "are moved in only when it finishes"):
             result = run(args)
         unit = "frames" if "video" in result else "images"
         print(f"{result['num_images']} {unit} at {result['images_per_second']:.1f} {unit}/s ({result['precision']}); "

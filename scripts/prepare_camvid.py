@@ -10,7 +10,13 @@ empty) gets the KITTI folder layout, the official split and the class table::
     DEST/training/image_2/<name>.png    the 701 images (367 train, 101 val, 233 test)
     DEST/training/semantic/<name>.png   their labels, values unchanged
     DEST/splits/{train,val,test}.txt    the official split, one name a line
+    DEST/splits-heldout/                val is a whole drive held out of train (0006R0's 101 frames), the official
+                                        val frames (0016E5, a clip of a training drive) train instead: 367 train
+    DEST/splits-trainval/               train + val for a final fit (468 frames), an empty val.txt: no selection
     DEST/camvid.csv                     the class table: value, name, colour (SegNet's palette), void
+
+The official val scores streets the model trained on (0016E5's other 204 frames are in train), so choose settings
+on ``splits-heldout``; test (Seq05VD and 0001TP) is the same 233 frames in all three.
 
 Then: ``python main.py --data-root DEST --split-dir DEST/splits --label-set DEST/camvid.csv`` and
 ``python test.py --checkpoint RUN/best.pt --split test``.
@@ -36,6 +42,18 @@ CLASSES = (("sky", (128, 128, 128)), ("building", (128, 0, 0)), ("pole", (192, 1
            ("bicyclist", (0, 128, 192)))
 VOID = 11
 SPLITS = {"train": 367, "val": 101, "test": 233}
+HELD_OUT_DRIVE = "0006R0"  # a training drive of its own (101 frames); a frame's name starts with its drive
+
+
+def split_folders(official: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
+    """The three split folders' files from the official split's names (``splits``, ``splits-heldout``,
+    ``splits-trainval``)."""
+    pool = sorted(official["train"] + official["val"])
+    held_out = [name for name in pool if name.startswith(HELD_OUT_DRIVE)]
+    return {"splits": official,
+            "splits-heldout": {"train": [name for name in pool if name not in held_out], "val": held_out,
+                               "test": official["test"]},
+            "splits-trainval": {"train": pool, "val": [], "test": official["test"]}}
 
 
 def class_table() -> str:
@@ -71,14 +89,17 @@ def prepare(source: Path, dest: Path, scale: float = 1.0) -> str:
         if missing:
             raise UserError(f"{source / f'{split}annot'}: no label for {missing[0]} ({len(missing)} missing)")
         names[split] = [p.stem for p in images]
-    for sub in ("training/image_2", "training/semantic", "splits"):
+    for sub in ("training/image_2", "training/semantic"):
         (dest / sub).mkdir(parents=True, exist_ok=True)
     for split, stems in names.items():
         for stem in stems:
             copy_scaled(source / split / f"{stem}.png", dest / "training" / "image_2" / f"{stem}.png", scale, False)
             copy_scaled(source / f"{split}annot" / f"{stem}.png", dest / "training" / "semantic" / f"{stem}.png",
                         scale, True)
-        (dest / "splits" / f"{split}.txt").write_text("".join(f"{stem}\n" for stem in stems))
+    for folder, split in split_folders(names).items():
+        (dest / folder).mkdir()
+        for name, stems in split.items():
+            (dest / folder / f"{name}.txt").write_text("".join(f"{stem}\n" for stem in stems))
     (dest / "camvid.csv").write_text(class_table())
     return f"wrote CamVid ({', '.join(f'{len(v)} {k}' for k, v in names.items())}) and camvid.csv to {dest}"
 

@@ -11,6 +11,7 @@ checkpoint holds just ``REQUIRED_KEYS``: enough for test.py, export.py and --ini
 from __future__ import annotations
 
 import errno
+import math
 import os
 import pickle
 import shutil
@@ -76,10 +77,11 @@ def resume_hint(run_dir: Path) -> str:
 
 def republish_best(run_dir: Path, state: dict) -> None:
     """On resume: best.pt is published right after last.pt is written, so a run killed between the two left
-    best.pt an epoch behind when that last epoch was its best; publish it again from last.pt."""
-    scores = [row["val_mIoU"] for row in state["history"]]
+    best.pt an epoch behind when that last epoch was its best; publish it again from last.pt. Only full-scale
+    epochs with a score compete (a reduced resolution stage scores at its own scale; a final fit scores none)."""
+    scored = [row for row in state["history"] if row.get("scale", 1) == 1 and not math.isnan(row["val_mIoU"])]
     best = run_dir / "best.pt"
-    if scores and 1 + scores.index(max(scores)) == state["epoch"] and \
+    if scored and max(scored, key=lambda row: row["val_mIoU"])["epoch"] == state["epoch"] and \
             (not best.is_file() or load_checkpoint(best)["epoch"] != state["epoch"]):
         publish_copy(run_dir / "last.pt", best)
 

@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 from data_preprocessing import normalize
 from labels import IGNORE_INDEX
+from segmentation import UserError
 from segmentation.augmentation import zoomed
 from segmentation.metrics import ConfusionMatrix
-from segmentation.runtime import StopRequest, on_any_rank
+from segmentation.runtime import StopRequest, agreed_failure, on_any_rank
 
 BAND_ROWS = 32  # rows of an image scored at a time on the CPU (score_batch)
 
@@ -85,11 +86,16 @@ def train_one_epoch(model: nn.Module, train_step: Callable[[torch.Tensor, torch.
     waiting for the next batch is added to ``progress.data_wait``.
     """
     model.train()
-    pending_loss = None
+    pending_loss, failure, batch_iterator = None, None, iter(batches)
     line = ProgressLine(len(batches) + progress.step, desc, show, initial=progress.step)
     start = window_start = time.perf_counter()
     window_steps, window_images, wait_start, stopped = 0, 0, start, False
-    for step, (images, labels) in enumerate(batches, 1):
+    for step in range(1, len(batches) + 1):
+        try:
+            images, labels = next(batch_iterator) if failure is None else stand_in
+        except UserError as error:  # e.g. an unreadable image in this rank's shard: the others learn it below
+            failure, stand_in = error, (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), torch.zeros(2, 64, 64))
+            images, labels = stand_in  # keeps this rank in DDP's gradient exchange until the boundary
         progress.data_wait += time.perf_counter() - wait_start
         loss = train_step(images, labels).detach().double()
         pending_loss = loss if pending_loss is None else pending_loss + loss
@@ -98,8 +104,11 @@ def train_one_epoch(model: nn.Module, train_step: Callable[[torch.Tensor, torch.
         at_boundary = step % log_every == 0 or step == len(batches)
         stopped = stop is not None and stop.agreed(at_boundary)
         if at_boundary or stopped:
+            failure = agreed_failure(failure, loss.device)  # every rank reaches a boundary together
+            if failure is not None:
+                raise failure
             window_loss, pending_loss = pending_loss.item(), None
-            if on_any_rank(not math.isfinite(window_loss), loss.device):  # every rank reaches a boundary together
+            if on_any_rank(not math.isfinite(window_loss), loss.device):
                 raise NonFiniteLoss(f"training loss became NaN or infinite by step {progress.step}")
             progress.loss_sum += window_loss
             now = time.perf_counter()
@@ -205,19 +214,26 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, a
     confusion = ConfusionMatrix(num_classes, device)
     loss_and_count = torch.zeros(2, dtype=torch.float64, device=device)
     line = ProgressLine(len(loader), "val", show)
-    for batch_index, (images, labels) in enumerate(loader):
-        images, labels = zoomed(images, labels, zoom)
-        scores = predict(model, images, device, amp_dtype, **predict_options)
-        target = labels.to(device, non_blocking=True).long()
-        loss, prediction = score_batch(scores, target, class_weights)
-        loss_and_count[0] += loss
-        loss_and_count[1] += (target != IGNORE_INDEX).sum() if class_weights is None else \
-            pixel_weights(class_weights, target).sum()
-        confusion.update(prediction, target)
-        if on_prediction is not None:
-            on_prediction(batch_index, prediction)
-        line.update()
+    try:
+        for batch_index, (images, labels) in enumerate(loader):
+            images, labels = zoomed(images, labels, zoom)
+            scores = predict(model, images, device, amp_dtype, **predict_options)
+            target = labels.to(device, non_blocking=True).long()
+            loss, prediction = score_batch(scores, target, class_weights)
+            loss_and_count[0] += loss
+            loss_and_count[1] += (target != IGNORE_INDEX).sum() if class_weights is None else \
+                pixel_weights(class_weights, target).sum()
+            confusion.update(prediction, target)
+            if on_prediction is not None:
+                on_prediction(batch_index, prediction)
+            line.update()
+        failure = None
+    except UserError as error:  # e.g. an unreadable image in this rank's share: every rank stops with its line
+        failure = error
     line.close()
+    failure = agreed_failure(failure, device)
+    if failure is not None:
+        raise failure
     confusion.all_reduce()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(loss_and_count)

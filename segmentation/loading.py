@@ -139,7 +139,7 @@ def class_weights(counts: np.ndarray, method: str) -> torch.Tensor:
 @dataclass
 class RunData:
     train_loader: runtime.StopSafeLoader
-    val_loader: runtime.StopSafeLoader
+    val_loader: runtime.StopSafeLoader | None
     sampler: SeededTrainSampler
     class_weights: torch.Tensor | None
     summary: str
@@ -191,6 +191,12 @@ def loss_weights(train_set: SegmentationDataset, method: str, state: dict | None
     return class_weights(class_pixel_counts(train_set), method)
 
 
+def stages_text(stages: tuple) -> str:
+    """The resolution stages for the run's start line, e.g. ", first 50 epochs at scale 0.5"."""
+    return "".join(f", {'first' if i == 0 else 'then'} {epochs} epochs at scale {scale:g}"
+                   for i, (scale, epochs) in enumerate(stages))
+
+
 def describe_cache(dataset: SegmentationDataset, name: str) -> str:
     if dataset.decoded_gb is None:
         return f"{name} decoded in workers (cache off)"
@@ -236,12 +242,15 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
                                                                                 drop_last=True),
                                           generator=loader_generator(args, ctx, 0), **common)
     val_loader = runtime.StopSafeLoader(val_set, batch_sampler=val_batches, generator=loader_generator(args, ctx, 1),
-                                        **common)
+                                        **common) if len(val_set) else None  # none: a final fit, no selection
     source = "split from the run folder" if state is not None else split_source(args.dataset, args.data_root,
                                                                                   args.split_dir)
     summary = (f"{args.dataset} layout: {len(train_set)} train / {len(val_set)} val images ({source}), crop "
-               f"{crop[0]}x{crop[1]}, {workers} loader workers; {describe_cache(train_set, 'train')}, "
+               f"{crop[0]}x{crop[1]}{stages_text(args.stages)}, {workers} loader workers; {describe_cache(train_set, 'train')}, "
                f"{describe_cache(val_set, 'val')}")
+    if not len(val_set):
+        summary += ("\nno validation images (an empty val.txt): a final fit, which trains its whole schedule and keeps "
+                    "the last epoch as best.pt")
     if weights is not None:
         summary += f"\nclass weights ({args.class_weights}): " + " ".join(
             f"{name} {w:.2f}" for name, w in zip(label_set.class_names, weights.tolist()))

@@ -4,6 +4,7 @@ of an evaluation."""
 from __future__ import annotations
 
 import csv
+import math
 import fcntl
 import importlib.util
 import os
@@ -23,19 +24,21 @@ from segmentation.checkpoint import write_failure
 from segmentation.engine import EpochProgress
 
 STARTUP_FILES = {".lock", "train.txt", "val.txt", "metrics.csv", "class_iou.csv", "curves.png"}  # all but checkpoints
-EVENT_FILES = "events.out.tfevents."  # TensorBoard's; written beside the first last.pt, so a killed run may leave one
+EVENT_FILE_PREFIX = "events.out.tfevents."  # TensorBoard's; written beside the first last.pt, so a killed run may leave one
 HISTORY_FIELDS = ("epoch", "scale", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
                   "val_seconds", "peak_gpu_mb")
 CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at the end): matplotlib is slow
 
 
-def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float, report: dict, val_seconds: float,
+def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float, report: dict | None, val_seconds: float,
                  device: torch.device, scale: float = 1.0) -> dict:
     """One row of metrics.csv (and of class_iou.csv). Its val_mIoU and pixel_acc describe one class set, the
     benchmark's: the 19 Cityscapes classes in both Cityscapes label sets (the 34 ids' pixel accuracy would count
     unlabeled and ego-vehicle pixels that the mIoU ignores), a class table's own classes otherwise. class_iou.csv
     holds each class of the run's own label set, named in its header. ``lr`` is the mean rate of the epoch's steps;
-    ``scale`` the epoch's resolution stage (training and validation at that fraction of the dataset's sizes)."""
+    ``scale`` the epoch's resolution stage (training and validation at that fraction of the dataset's sizes). A run
+    without val images (a final fit) has no ``report``: its validation figures are NaN."""
+    report = report or {"benchmark_mIoU": math.nan, "benchmark_pixel_acc": math.nan, "iou": []}
     return {"epoch": epoch, "scale": scale, "lr": lr, "train_loss": progress.loss_sum / max(progress.step, 1), "val_loss": val_loss,
             "val_mIoU": report["benchmark_mIoU"], "pixel_acc": report["benchmark_pixel_acc"],
             "seconds": progress.seconds,
@@ -64,7 +67,7 @@ def started_only(folder: Path) -> bool:
     killed before its first checkpoint landed (even while writing it: a hidden .tmp file) left nothing to keep,
     so the same command may start again there."""
     names = {p.name for p in folder.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))
-             and not p.name.startswith(EVENT_FILES)}
+             and not p.name.startswith(EVENT_FILE_PREFIX)}
     return names <= STARTUP_FILES
 
 
@@ -120,8 +123,11 @@ class TensorBoardLog:
 
     NUM_OVERLAYS = 2
 
-    def __init__(self, run_dir: Path, label_set: LabelSet):
+    def __init__(self, run_dir: Path, label_set: LabelSet, first_epoch: int = 0):
+        """``first_epoch``: the epochs already finished (a resumed run's). Anything a killed run logged after them
+        is purged by TensorBoard when it reads the files, so no epoch shows twice."""
         self.run_dir, self.label_set, self.writer, self.overlays = run_dir, label_set, None, []
+        self.first_epoch = first_epoch
         self.available = importlib.util.find_spec("tensorboard") is not None
 
     def keep_overlays(self, loader) -> Callable[[int, torch.Tensor], None] | None:
@@ -144,7 +150,8 @@ class TensorBoardLog:
         if self.writer is None:  # made at the first epoch's end, so a run refused at its start leaves no file
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(self.run_dir))
+                self.writer = SummaryWriter(str(self.run_dir), purge_step=self.first_epoch + 1 if self.first_epoch
+                                            else None)
             except Exception as error:  # e.g. a protobuf that this tensorboard cannot use: a record, not the run
                 self.available = False
                 print(f"warning: no TensorBoard files: {type(error).__name__}: {str(error).splitlines()[0]}",

@@ -208,13 +208,17 @@ def on_any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def first_found(found: str | None) -> str:
-    """The lowest rank's non-empty ``found`` (e.g. the name of a broken tensor), on every rank; all call it."""
+def agreed_failure(failure: UserError | None, device: torch.device) -> UserError | None:
+    """The first rank's failure, on every rank (None if no rank failed); all ranks call it at the same point. A
+    failure only one rank sees (an unreadable image in its shard, its disk) then ends every rank with the same line
+    instead of leaving the others waiting in a collective until the process group times out."""
     if not (dist.is_available() and dist.is_initialized()):
-        return found
+        return failure
+    if not on_any_rank(failure is not None, device):
+        return None
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, found)
-    return next((value for value in everyone if value), "")
+    dist.all_gather_object(everyone, None if failure is None else str(failure))
+    return UserError(next(message for message in everyone if message))
 
 
 def precision_name(amp_dtype: torch.dtype | None) -> str:

@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from labels import LABEL_SETS
 from model import ARCHS
 from segmentation import UserError, quoted
 from segmentation.checkpoint import load_checkpoint, require_training_state
@@ -22,6 +21,8 @@ from segmentation.loading import WEIGHTINGS
 RESUMABLE_FLAGS = {"resume", "device", "workers", "data_root", "deterministic", "cache_gb", "log_every"}
 # a setting newer than a checkpoint resumes as the run trained before it existed, not as the block says now
 BEFORE_IT_EXISTED = {"stages": ()}
+# a setting since removed: the values with which a run trained as today's code trains (any other is refused)
+SINCE_REMOVED = {"aux_loss": (0, 0.0, None), "photometric": ("mild",)}
 
 
 def readable(kind: type) -> Callable[[str], object]:
@@ -78,7 +79,7 @@ ACCEPTS = {
     "weight_decay": (lambda v: real(v) and v >= 0, "0 or more, e.g. 1e-4"),
     "warmup_epochs": (lambda v: real(v) and v >= 0, "0 or more epochs, e.g. 1"),
     "poly_power": (lambda v: real(v) and v >= 0, "0 or more, e.g. 0.9"),
-    "label_set": (lambda v: v in LABEL_SETS or (isinstance(v, (str, Path)) and str(v).endswith(".csv")),
+    "label_set": (lambda v: isinstance(v, (str, Path)) and bool(str(v).strip()),  # a table is judged by its content
                   "train | full | a class table file, e.g. \"data/camvid/camvid.csv\""),
     "class_weights": (lambda v: v in WEIGHTINGS, " | ".join(WEIGHTINGS)),
     "data_root": (lambda v: isinstance(v, Path), "a folder, e.g. \"data/data_semantics\""),
@@ -125,7 +126,14 @@ def args_from_checkpoint(state: dict, cli: argparse.Namespace, defaults: argpars
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
         raise UserError(f"--resume continues {cli.resume} exactly as it was configured, so {flags} cannot change; "
                         f"to train on with other settings start a new run with --init-from {quoted(cli.resume)}")
-    args = argparse.Namespace(**{**vars(defaults), **BEFORE_IT_EXISTED, **state["config"]})
+    removed = {key: value for key, value in state["config"].items() if key not in vars(defaults)}
+    for key, value in removed.items():
+        if value not in SINCE_REMOVED.get(key, ()):
+            raise UserError(f"{cli.resume}: the run trained with {key} = {value!r}, a setting this version no longer "
+                            "has, so it cannot continue as it trained; finish it with the version it started with, or "
+                            f"start a new run from its weights with --init-from {quoted(cli.resume)}")
+    config = {key: value for key, value in state["config"].items() if key not in removed}
+    args = argparse.Namespace(**{**vars(defaults), **BEFORE_IT_EXISTED, **config})
     for key in ("data_root", "split_dir", "out", "init_from"):
         setattr(args, key, Path(getattr(args, key)) if getattr(args, key) else None)
     for key in RESUMABLE_FLAGS & set(cli.explicit):

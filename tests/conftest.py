@@ -55,3 +55,22 @@ def trained_run(synthetic_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "fcn16"
     main.train(main.parse_args(train_argv(synthetic_root, out, "--arch", "fcn16")))
     return out
+
+
+def stopped_after_first_epoch(data_root: Path, out: Path, monkeypatch, *extra: str) -> dict:
+    """A 3-epoch run stopped by Ctrl-C while epoch 1 validates, as a user stops one; returns its last.pt's state."""
+    import signal
+
+    import torch
+
+    import main
+    real_evaluate = main.evaluate
+
+    def evaluate_interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(main, "evaluate", evaluate_interrupted)
+        with pytest.raises(SystemExit):
+            main.train(main.parse_args(train_argv(data_root, out, "--arch", "fcn32", "--epochs", "3", *extra)))
+    return torch.load(out / "last.pt", weights_only=True)

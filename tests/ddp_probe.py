@@ -33,9 +33,9 @@ original_iter, original_cleanup = SeededTrainSampler.__iter__, runtime.cleanup
 
 def recording_iter(self):
     record = yielded.setdefault(self.epoch, [])
-    for index, seed in original_iter(self):
+    for index, seed, zoom in original_iter(self):
         record.append([index, seed])
-        yield index, seed
+        yield index, seed, zoom
 
 
 class RecordingDDP(main.DistributedDataParallel):

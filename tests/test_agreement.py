@@ -113,7 +113,7 @@ def test_the_logged_lr_is_the_mean_rate_of_the_epochs_steps(synthetic_root, tmp_
 
 def test_zero_warmup_epochs_runs_the_first_step_at_the_full_rate():
     model = torch.nn.Conv2d(3, 2, 1)
-    args = types.SimpleNamespace(lr=0.01, momentum=0.9, weight_decay=0.0, epochs=2, warmup_epochs=0.0,
+    args = types.SimpleNamespace(lr=0.01, momentum=0.9, weight_decay=0.0, epochs=2, stages=(), warmup_epochs=0.0,
                                  poly_power=0.9)
     optimizer, _ = make_optimizer(model, args, steps_per_epoch=10)
     assert optimizer.param_groups[0]["lr"] == 0.01

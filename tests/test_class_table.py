@@ -78,8 +78,8 @@ def test_a_mistake_in_a_class_table_is_one_line_naming_the_row(tmp_path, text, m
 
 
 SHEET = [("value", "name", "r", "g", "b", "void"), ("200", "car", "0", "0", "142", ""),
-         ("0", "sky", "70", "130", "180", ""), ("77", "Straße", "1", "2", "3", "yes"),
-         ("5", "road", "128", "64", "128", "")]
+         ("0", "sky", "70", "130", "180", ""), ("77", "unlabelled", "1", "2", "3", "yes"),
+         ("5", "Straße", "128", "64", "128", "")]  # a class named outside ASCII: each encoding must decode it
 
 
 @pytest.mark.parametrize("written_as", ["excel utf-8", "excel unicode text", "excel western", "libreoffice german",
@@ -101,9 +101,31 @@ def test_a_class_table_reads_as_meant_however_a_spreadsheet_or_editor_wrote_it(t
         raw = ("# my classes\n" + "\n".join(rows) + "\n").encode()
     (tmp_path / "t.csv").write_bytes(raw)
     table = read_class_table(tmp_path / "t.csv")
-    assert table.class_names == ("car", "sky", "road") and table.class_to_id.tolist() == VALUES.tolist()
-    assert table.known[77] and table.id_to_class[77] == 255  # Straße is void, whatever the encoding
+    assert table.class_names == ("car", "sky", "Straße") and table.class_to_id.tolist() == VALUES.tolist()
+    assert table.known[77] and table.id_to_class[77] == 255
     assert table.colors[0].tolist() == [0, 0, 142]
+
+
+def test_a_row_that_leaves_out_its_empty_void_cell_reads_as_a_class_row(tmp_path):
+    """Hand-written tables read before void became a column's sixth cell: "0,sky,70,130,180" under a header
+    with void is a class row (void empty), as it was at 5167cb6."""
+    (tmp_path / "t.csv").write_text("value,name,r,g,b,void\n0,sky,70,130,180\n5,road,128,64,128,\n77,x,0,0,0,yes\n")
+    table = read_class_table(tmp_path / "t.csv")
+    assert table.class_names == ("sky", "road") and table.id_to_class[77] == 255
+
+
+@pytest.mark.parametrize("file_name", ["classes.txt", "CLASSES.CSV", "classes"])
+def test_main_takes_a_class_table_by_its_content_whatever_its_file_is_called(tmp_path, file_name):
+    """Excel's "Unicode Text" saves .txt, some tools write .CSV: main.py reads what the reader reads."""
+    root = write_tree(tmp_path / "tree", num=4)
+    table = tmp_path / file_name
+    table.write_bytes("\r\n".join("\t".join(row) for row in (
+        ("value", "name", "r", "g", "b", "void"), ("200", "car", "0", "0", "142", ""), ("0", "sky", "70", "130", "180", ""),
+        ("5", "road", "128", "64", "128", ""), ("77", "unlabelled", "0", "0", "0", "yes"))).encode("utf-16"))
+    main.train(main.parse_args(train_argv(root, tmp_path / "run", "--arch", "fcn32", "--epochs", "1", "--crop-size",
+                                          "64", "--base-size", "64", "--label-set", str(table))))
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert tuple(state["label_table"]["class_names"]) == ("car", "sky", "road")
 
 
 @pytest.mark.parametrize("text, message", [

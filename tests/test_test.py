@@ -232,3 +232,35 @@ def test_a_weights_only_checkpoint_predicts_a_folder_of_images(trained_run, synt
                      "image_2"), "--out", str(tmp_path / "out"), "--device", "cpu", "--workers", "0"])
     assert sorted(p.name for p in (tmp_path / "out" / "pred_labelIds").glob("*.png")) == ["000000_10.png",
                                                                                            "000001_10.png"]
+
+
+def test_an_output_folder_never_holds_the_figures_of_two_runs(trained_run, synthetic_root, tmp_path, monkeypatch):
+    """A rerun into the same --out replaces the previous run's outputs whole, after it finishes; an interrupted
+    rerun leaves them as they were; files test.py did not write stay."""
+    out = tmp_path / "out"
+    common = ["--checkpoint", str(trained_run / "best.pt"), "--device", "cpu", "--workers", "0", "--out", str(out)]
+    evaluation.main(common)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert (out / "metrics.json").is_file() and (out / "confusion.png").is_file()
+    (out / "my notes.txt").write_text("mine")
+    real_writer, calls = evaluation.PredictionWriter.__call__, []
+
+    def interrupted_on_the_second_image(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_writer(self, *args, **kwargs)
+    monkeypatch.setattr(evaluation.PredictionWriter, "__call__", interrupted_on_the_second_image)
+    with pytest.raises(SystemExit):
+        evaluation.main(common + ["--scales", "0.75", "1.0"])
+    monkeypatch.setattr(evaluation.PredictionWriter, "__call__", real_writer)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "my notes.txt"}
+    assert after == before  # the interrupted run changed nothing
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # and left no partial folder
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted((synthetic_root / "testing" / "image_2").glob("*.png")):
+        (images / path.name).write_bytes(path.read_bytes())
+    evaluation.main(common + ["--images", str(images)])  # predictions of a folder: the split's metrics must go
+    assert sorted(p.name for p in out.iterdir()) == ["my notes.txt", "overlay", "pred_color", "pred_labelIds"]
+    assert sorted(p.name for p in (out / "pred_labelIds").iterdir()) == sorted(p.name for p in images.iterdir())
