@@ -21,13 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data_preprocessing import download_kitti
 from labels import LabelSet, get_label_set
-from model import ARCHS, build_model, count_parameters
+from model import build_model, count_parameters
 from segmentation import UserError, os_error_line, quoted, runtime
 from segmentation.checkpoint import (
     CheckpointWriter,
     initialise_from,
     label_set_of,
-    load_checkpoint,
     non_finite,
     republish_best,
     restore,
@@ -46,8 +45,8 @@ from segmentation.engine import (
     to_model_input,
     train_one_epoch,
 )
-from segmentation.layouts import DATASETS, write_split
-from segmentation.loading import WEIGHTINGS, StartedEpoch, make_loaders
+from segmentation.layouts import write_split
+from segmentation.loading import StartedEpoch, make_loaders
 from segmentation.metrics import evaluation_report
 from segmentation.records import (
     HistoryWriter,
@@ -57,11 +56,11 @@ from segmentation.records import (
     epoch_record,
     plan_run_dir,
 )
-from segmentation.settings import check_args, load_resume_state, readable, stage_pair
+from segmentation.settings import SETTINGS, add_flags, check_args, load_resume_state
 
 # ---- Hyperparameters: edit here, or override with the flag of the same name (--batch-size for BATCH_SIZE) ----
 ARCH = "fcn16"                   # fcn32 | fcn16 | fcn8
-DATASET = "kitti"                # kitti | cityscapes (official layout; see README "From Cityscapes to KITTI")
+DATASET = "kitti"                # kitti | cityscapes (official layout; see docs/datasets.md)
 EPOCHS = 50                      # passes over the training split (160 images for KITTI), all stages together
 STAGES = ()                      # resolution stages first: (scale, epochs) pairs, e.g. ((0.5, 30),) trains 30 epochs on
                                  # images, crops and val at half scale, then the rest of EPOCHS at full scale
@@ -76,7 +75,7 @@ POLY_POWER = 0.9                 # lr = LR x (1 - progress) ^ POLY_POWER, steppe
 LABEL_SET = "train"              # train: 19 benchmark classes (others ignored) | full: 34 ids | a class table .csv
 CLASS_WEIGHTS = "none"           # none | median-freq (SegNet) | log (ENet): cross-entropy weights from the train labels
 DATA_ROOT = "data/data_semantics"  # KITTI: folder holding training/ and testing/; Cityscapes: leftImg8bit/ and gtFine/
-OUT_DIR = None                   # run folder; None -> runs/<arch>-<date>-<time>; never overwritten
+OUT = None                       # run folder; None -> runs/<arch>-<date>-<time>; never overwritten
 SEED = 0                         # shuffling, augmentation and initialisation (the train/val split is fixed)
 AMP = True                       # CUDA only: bf16 autocast where supported, else fp16 with loss scaling
 DETERMINISTIC = False            # CUDA: deterministic kernels, a resumed run bit-identical to an unbroken one; slower
@@ -88,47 +87,17 @@ LOG_EVERY = 10                   # steps between loss read-backs / progress line
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The block's settings as flags (segmentation/settings.py declares each), then the flags of one run alone."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default=ARCH, help=f"{' | '.join(ARCHS)} (default %(default)s)")
-    p.add_argument("--dataset", default=DATASET, help=f"{' | '.join(DATASETS)} (default %(default)s)")
-    for name, value, kind in (("epochs", EPOCHS, int), ("batch-size", BATCH_SIZE, int), ("lr", LR, float),
-                              ("momentum", MOMENTUM, float), ("weight-decay", WEIGHT_DECAY, float),
-                              ("warmup-epochs", WARMUP_EPOCHS, float), ("poly-power", POLY_POWER, float),
-                              ("seed", SEED, int), ("log-every", LOG_EVERY, int)):
-        p.add_argument(f"--{name}", type=readable(kind), default=value, help="(default %(default)s)")
-    p.add_argument("--stages", type=stage_pair, nargs="*", default=STAGES, metavar="SCALE:EPOCHS",
-                   help="resolution stages before the full-scale epochs, e.g. --stages 0.5:30; none: --stages "
-                   "(default %(default)s)")
-    p.add_argument("--crop-size", type=readable(int), nargs="+", default=CROP_SIZE, metavar="H [W]",
-                   help="training crop (default %(default)s; None: the dataset's)")
-    p.add_argument("--base-size", type=readable(int), default=BASE_SIZE,
-                   help="scaling reference (default %(default)s; None: the dataset's)")
-    p.add_argument("--workers", type=readable(int), default=WORKERS,
-                   help="DataLoader processes per training process, or auto (default %(default)s)")
-    p.add_argument("--label-set", default=LABEL_SET, help="train | full (Cityscapes ids) | a class table file, "
-                   "CSV: value,name,r,g,b[,void] (default %(default)s)")
-    p.add_argument("--class-weights", default=CLASS_WEIGHTS,
-                   help=f"class balancing of the cross-entropy: {' | '.join(WEIGHTINGS)} (default %(default)s)")
-    p.add_argument("--data-root", type=Path, default=DATA_ROOT, help="(default %(default)s)")
+    add_flags(p, {name: globals()[name.upper()] for name in SETTINGS})
     p.add_argument("--download", action="store_true", help="download KITTI into --data-root first")
     p.add_argument("--split-dir", type=Path, help="folder with train.txt/val.txt (default: the data root's own "
                    "splits/ folder, else KITTI's fixed 80/20 split or Cityscapes' official one, less splits/test.txt)")
-    p.add_argument("--out", type=Path, default=OUT_DIR, help="run folder (default %(default)s: runs/<arch>-<time>)")
     p.add_argument("--resume", type=Path, help="continue a run from its last.pt (config comes from the checkpoint)")
     p.add_argument("--init-from", type=Path, help="start from a checkpoint's weights: the same architecture "
                    "(fine-tuning, e.g. Cityscapes -> KITTI) or a coarser one (FCN32s -> FCN16s)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto; on --resume the run's)")
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=PRETRAINED,
-                   help="ImageNet trunk, or (--no-pretrained) random weights (default %(default)s)")
     p.add_argument("--backbone-weights", help="ResNet18 ImageNet state_dict file, for machines without internet")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=AMP,
-                   help="CUDA: bf16/fp16 autocast; --no-amp: float32 (default %(default)s)")
-    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=DETERMINISTIC,
-                   help="deterministic kernels only (no cuDNN autotuning), so that a resumed CUDA run ends "
-                   "bit-identical to an uninterrupted one; slower. CPU runs are bit-exact without it "
-                   "(default %(default)s)")
-    p.add_argument("--cache-gb", type=readable(float), default=CACHE_GB,
-                   help="memory budget of the decoded-image cache (default %(default)s: half the available memory)")
     p.add_argument("--no-cache", dest="cache_gb", action="store_const", const=0.0, help="decode PNGs every epoch")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across DDP processes")
     p.add_argument("--demo", nargs="?", const="", metavar="DIR",

@@ -87,6 +87,7 @@ def train_one_epoch(model: nn.Module, train_step: Callable[[torch.Tensor, torch.
     """
     model.train()
     pending_loss, failure, batch_iterator = None, None, iter(batches)
+    stand_in = (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), torch.zeros(2, 64, 64))  # after a failure (below)
     line = ProgressLine(len(batches) + progress.step, desc, show, initial=progress.step)
     start = window_start = time.perf_counter()
     window_steps, window_images, wait_start, stopped = 0, 0, start, False
@@ -94,8 +95,7 @@ def train_one_epoch(model: nn.Module, train_step: Callable[[torch.Tensor, torch.
         try:
             images, labels = next(batch_iterator) if failure is None else stand_in
         except UserError as error:  # e.g. an unreadable image in this rank's shard: the others learn it below
-            failure, stand_in = error, (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), torch.zeros(2, 64, 64))
-            images, labels = stand_in  # keeps this rank in DDP's gradient exchange until the boundary
+            failure, (images, labels) = error, stand_in  # keeps this rank in DDP's gradient exchange
         progress.data_wait += time.perf_counter() - wait_start
         loss = train_step(images, labels).detach().double()
         pending_loss = loss if pending_loss is None else pending_loss + loss

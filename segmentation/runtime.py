@@ -14,9 +14,11 @@ A repeat within ``REPEAT_WINDOW_S`` counts as the same request; only a later one
 from __future__ import annotations
 
 import atexit
+import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import weakref
 from contextlib import contextmanager
@@ -174,14 +176,25 @@ class StopSafeLoader(DataLoader):
         super().__init__(*args, worker_init_fn=ignore_stop_signals, **kwargs)
 
     def __iter__(self):
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        """Workers start with the stop signals blocked in this thread (a fork copies its mask) and deferred in every
+        thread: the kernel hands a group signal to any thread that has it unblocked (OpenMP's, the checkpoint
+        writer), and Python would then raise in the main thread between the workers' start and their registration.
+        A deferred signal is raised again once every worker is registered."""
+        held, deferred = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS), []
+        main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+        previous = {s: signal.signal(s, lambda signum, frame: deferred.append(signum)) for s in SIGNALS} if main else {}
         try:
+            before = set(multiprocessing.active_children())
             iterator = super().__iter__()
-            for worker in getattr(iterator, "_workers", ()):  # torch's multiprocessing iterator keeps its processes
+            for worker in set(multiprocessing.active_children()) - before:  # the workers this iterator started
                 worker.terminate = worker.kill
                 _WORKERS.add(worker)
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for signum in deferred[:1]:
+            signal.raise_signal(signum)
         return iterator
 
 

@@ -1,24 +1,23 @@
-"""main.py's settings: what each one accepts, and what --resume lets change.
+"""main.py's settings, each declared once: its constant in main.py's block, and its row in ``SETTINGS`` (what it
+accepts, its flag's help, whether --resume may change it). main.py makes the flags from the rows.
 
-The block at the top of main.py and the flags that override it both end in one namespace; ``check_args``
-takes each value in the forms the block's comments promise and names a wrong one in one line. A resumed run
-takes its settings from its checkpoint, and only where it runs (``RESUMABLE_FLAGS``) may change.
+The block and the flags that override it both end in one namespace; ``check_args`` takes each value in the forms
+the block's comments promise and names a wrong one in one line. A resumed run takes its settings from its
+checkpoint, and only where it runs (``resumable`` rows, ``RESUMABLE_FLAGS``) may change.
 """
 from __future__ import annotations
 
 import argparse
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from model import ARCHS
 from segmentation import UserError, quoted
 from segmentation.checkpoint import load_checkpoint, require_training_state
-from segmentation.layouts import DATASETS
+from segmentation.layouts import LAYOUTS
 from segmentation.loading import WEIGHTINGS
 
-# where and how it runs, not what: a resume may change these (a smaller machine, another log rate)
-RESUMABLE_FLAGS = {"resume", "device", "workers", "data_root", "deterministic", "cache_gb", "log_every"}
 # a setting newer than a checkpoint resumes as the run trained before it existed, not as the block says now
 BEFORE_IT_EXISTED = {"stages": ()}
 # a setting since removed: the values with which a run trained as today's code trains (any other is refused)
@@ -46,13 +45,12 @@ def stage_pair(text: str) -> tuple[float, int] | str:
         return text
 
 
-def stages_valid(value: object) -> bool:
-    return isinstance(value, (tuple, list)) and all(
-        isinstance(pair, (tuple, list)) and len(pair) == 2 and real(pair[0]) and 0 < pair[0] < 1 and whole(pair[1], 1)
-        for pair in value)
+def stage_valid(pair: object) -> bool:
+    return isinstance(pair, (tuple, list)) and len(pair) == 2 and real(pair[0]) and 0 < pair[0] < 1 and \
+        whole(pair[1], 1)
 
 
-MAX_SIDE = 8192  # pixels: a crop or base size beyond it is a slip (an extra digit) that would exhaust any memory
+MAX_SIDE = 8192  # pixels: a crop, base or image size beyond it is a slip (an extra digit) that would exhaust any memory
 
 
 def whole(value: object, low: int) -> bool:
@@ -63,35 +61,82 @@ def real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# what each setting accepts: (test, what to write instead); the block's constant is the flag's name in capitals
-ACCEPTS = {
-    "arch": (lambda v: v in ARCHS, " | ".join(ARCHS)),
-    "dataset": (lambda v: v in DATASETS, " | ".join(DATASETS)),
-    "epochs": (lambda v: whole(v, 1), "a whole number, at least 1"),
-    "stages": (stages_valid, "() or (scale, epochs) pairs, each scale in (0, 1), e.g. ((0.5, 30),) (--stages 0.5:30)"),
-    "batch_size": (lambda v: whole(v, 1), "a whole number, at least 1"),
-    "crop_size": (lambda v: v is None or (len(v) == 2 and all(whole(x, 32) and x <= MAX_SIDE for x in v)),
-                  f"None, H or (H, W): whole numbers of pixels, each 32 to {MAX_SIDE}"),
-    "base_size": (lambda v: v is None or (whole(v, 32) and v <= MAX_SIDE),
-                  f"None or a whole number of pixels, 32 to {MAX_SIDE}"),
-    "lr": (lambda v: real(v) and v > 0, "a positive learning rate, e.g. 0.01"),
-    "momentum": (lambda v: real(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.9"),
-    "weight_decay": (lambda v: real(v) and v >= 0, "0 or more, e.g. 1e-4"),
-    "warmup_epochs": (lambda v: real(v) and v >= 0, "0 or more epochs, e.g. 1"),
-    "poly_power": (lambda v: real(v) and v >= 0, "0 or more, e.g. 0.9"),
-    "label_set": (lambda v: isinstance(v, (str, Path)) and bool(str(v).strip()),  # a table is judged by its content
-                  "train | full | a class table file, e.g. \"data/camvid/camvid.csv\""),
-    "class_weights": (lambda v: v in WEIGHTINGS, " | ".join(WEIGHTINGS)),
-    "data_root": (lambda v: isinstance(v, Path), "a folder, e.g. \"data/data_semantics\""),
-    "out": (lambda v: v is None or isinstance(v, Path), "None or a folder, e.g. \"runs/fcn16-a\""),
-    "seed": (lambda v: whole(v, 0), "a whole number, 0 or more"),
-    "amp": (lambda v: isinstance(v, bool), "True or False"),
-    "deterministic": (lambda v: isinstance(v, bool), "True or False"),
-    "workers": (lambda v: v == "auto" or whole(v, 0), "auto or a whole number, 0 or more"),
-    "pretrained": (lambda v: isinstance(v, bool), "True or False"),
-    "cache_gb": (lambda v: v is None or (real(v) and v >= 0), "None, 0 (off) or a size in GB"),
-    "log_every": (lambda v: whole(v, 1), "a whole number, at least 1"),
+def boolean(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+class Setting(NamedTuple):
+    """One setting of main.py's block: what it accepts (a test, and what to write instead), its flag's help, how
+    the flag reads its text (add_argument's keywords), and whether --resume may change it (where and how a run
+    runs, not what it learns: a smaller machine, another log rate)."""
+    accepts: Callable[[object], bool]
+    expected: str
+    help: str
+    flag: dict | None = None
+    resumable: bool = False
+
+
+PIXELS = {"type": readable(int)}
+SWITCH = {"action": argparse.BooleanOptionalAction}
+SETTINGS = {
+    "arch": Setting(lambda v: v in ARCHS, " | ".join(ARCHS), " | ".join(ARCHS)),
+    "dataset": Setting(lambda v: v in LAYOUTS, " | ".join(LAYOUTS), f"{' | '.join(LAYOUTS)} (the folder layout)"),
+    "epochs": Setting(lambda v: whole(v, 1), "a whole number, at least 1", "passes over the training split, all "
+                      "stages together", {"type": readable(int)}),
+    "stages": Setting(lambda v: isinstance(v, (tuple, list)) and all(stage_valid(pair) for pair in v),
+                      "() or (scale, epochs) pairs, each scale in (0, 1), e.g. ((0.5, 30),) (--stages 0.5:30)",
+                      "resolution stages before the full-scale epochs, e.g. --stages 0.5:30; none: --stages",
+                      {"type": stage_pair, "nargs": "*", "metavar": "SCALE:EPOCHS"}),
+    "batch_size": Setting(lambda v: whole(v, 1), "a whole number, at least 1", "images per step and process",
+                          {"type": readable(int)}),
+    "crop_size": Setting(lambda v: v is None or (len(v) == 2 and all(whole(x, 32) and x <= MAX_SIDE for x in v)),
+                         f"None, H or (H, W): whole numbers of pixels, each 32 to {MAX_SIDE}",
+                         "training crop (None: the dataset's)", {**PIXELS, "nargs": "+", "metavar": "H [W]"}),
+    "base_size": Setting(lambda v: v is None or (whole(v, 32) and v <= MAX_SIDE),
+                         f"None or a whole number of pixels, 32 to {MAX_SIDE}", "scaling reference (None: the "
+                         "dataset's)", PIXELS),
+    "lr": Setting(lambda v: real(v) and v > 0, "a positive learning rate, e.g. 0.01", "peak SGD learning rate",
+                  {"type": readable(float)}),
+    "momentum": Setting(lambda v: real(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.9", "SGD momentum",
+                        {"type": readable(float)}),
+    "weight_decay": Setting(lambda v: real(v) and v >= 0, "0 or more, e.g. 1e-4", "L2 on convolution weights",
+                            {"type": readable(float)}),
+    "warmup_epochs": Setting(lambda v: real(v) and v >= 0, "0 or more epochs, e.g. 1", "linear warm-up (per stage)",
+                             {"type": readable(float)}),
+    "poly_power": Setting(lambda v: real(v) and v >= 0, "0 or more, e.g. 0.9", "poly decay exponent",
+                          {"type": readable(float)}),
+    "label_set": Setting(lambda v: isinstance(v, (str, Path)) and bool(str(v).strip()),  # a table: by its content
+                         "train | full | a class table file, e.g. \"data/camvid/camvid.csv\"",
+                         "train | full (Cityscapes ids) | a class table file: value,name,r,g,b[,void]"),
+    "class_weights": Setting(lambda v: v in WEIGHTINGS, " | ".join(WEIGHTINGS),
+                             f"class balancing of the cross-entropy: {' | '.join(WEIGHTINGS)}"),
+    "data_root": Setting(lambda v: isinstance(v, Path), "a folder, e.g. \"data/data_semantics\"", "the dataset's "
+                         "folder", {"type": Path}, resumable=True),
+    "out": Setting(lambda v: v is None or isinstance(v, Path), "None or a folder, e.g. \"runs/fcn16-a\"",
+                   "run folder (None: runs/<arch>-<time>)", {"type": Path}),
+    "seed": Setting(lambda v: whole(v, 0), "a whole number, 0 or more", "order, augmentation and initialisation",
+                    {"type": readable(int)}),
+    "amp": Setting(boolean, "True or False", "CUDA: bf16/fp16 autocast; --no-amp: float32", SWITCH),
+    "deterministic": Setting(boolean, "True or False", "deterministic kernels only (no cuDNN autotuning), so that a "
+                             "resumed CUDA run ends bit-identical to an uninterrupted one; slower. CPU runs are "
+                             "bit-exact without it", SWITCH, resumable=True),
+    "workers": Setting(lambda v: v == "auto" or whole(v, 0), "auto or a whole number, 0 or more",
+                       "DataLoader processes per training process, or auto", {"type": readable(int)}, resumable=True),
+    "pretrained": Setting(boolean, "True or False", "ImageNet trunk, or (--no-pretrained) random weights", SWITCH),
+    "cache_gb": Setting(lambda v: v is None or (real(v) and v >= 0), "None, 0 (off) or a size in GB",
+                        "memory budget of the decoded-image cache (None: half the available memory)",
+                        {"type": readable(float)}, resumable=True),
+    "log_every": Setting(lambda v: whole(v, 1), "a whole number, at least 1", "steps between loss read-backs",
+                         {"type": readable(int)}, resumable=True),
 }
+RESUMABLE_FLAGS = {"resume", "device"} | {name for name, setting in SETTINGS.items() if setting.resumable}
+
+
+def add_flags(parser: argparse.ArgumentParser, block: dict[str, object]) -> None:
+    """A flag for each row of ``SETTINGS`` (``--batch-size`` for batch_size), its default the block's constant."""
+    for name, setting in SETTINGS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", default=block[name], help=f"{setting.help} (default "
+                            "%(default)s)", **(setting.flag or {}))
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -104,11 +149,12 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("data_root", "out"):
         if isinstance(getattr(args, name), str):
             setattr(args, name, Path(getattr(args, name)))
-    for name, (accepts, expected) in ACCEPTS.items():
+    for name, setting in SETTINGS.items():
         value = getattr(args, name)
-        if not accepts(value):
+        if not setting.accepts(value):
             shown = f"({', '.join(map(str, value))})" if isinstance(value, tuple) else repr(value)
-            raise UserError(f"{name.upper()} = {shown} (--{name.replace('_', '-')}) is not valid: use {expected}")
+            raise UserError(f"{name.upper()} = {shown} (--{name.replace('_', '-')}) is not valid: use "
+                            f"{setting.expected}")
     args.stages = tuple(tuple(pair) for pair in args.stages)
     if sum(epochs for _, epochs in args.stages) >= args.epochs:
         raise UserError(f"STAGES = {args.stages} (--stages) take {sum(e for _, e in args.stages)} of EPOCHS = "

@@ -43,10 +43,10 @@ def edited(tmp_path_factory):
     """Every constant of the block at a value other than its default, in the forms the comments promise."""
     tmp = tmp_path_factory.mktemp("block")
     root = write_synthetic_cityscapes(tmp / "cityscapes", num_train=4, num_val=2, seed=0, size=(96, 192))
-    values = {"ARCH": '"fcn8"', "DATASET": '"cityscapes"', "EPOCHS": "2", "BATCH_SIZE": "2", "CROP_SIZE": "(64, 96)",
+    values = {"ARCH": '"fcn8"', "DATASET": '"cityscapes"', "EPOCHS": "2", "STAGES": "((0.5, 1),)", "BATCH_SIZE": "2", "CROP_SIZE": "(64, 96)",
               "BASE_SIZE": "96", "LR": "0.02", "MOMENTUM": "0.8", "WEIGHT_DECAY": "5e-4", "WARMUP_EPOCHS": "0.5",
               "POLY_POWER": "1", "LABEL_SET": '"full"', "CLASS_WEIGHTS": '"log"', "DATA_ROOT": f'"{root}"',
-              "OUT_DIR": f'"{tmp / "edited run"}"', "SEED": "3", "AMP": "False", "DETERMINISTIC": "True",
+              "OUT": f'"{tmp / "edited run"}"', "SEED": "3", "AMP": "False", "DETERMINISTIC": "True",
               "WORKERS": "1", "PRETRAINED": "False", "CACHE_GB": "0", "LOG_EVERY": "1"}
     assert sorted(values) == sorted(block_constants((ROOT / "main.py").read_text())), "a constant is not edited"
     return {"script": edited_copy(tmp / "copy", values), "run": tmp / "edited run"}
@@ -68,9 +68,10 @@ def test_every_constant_edited_in_a_copy_of_main_trains_with_those_values(edited
     groups = state["optimizer"]["param_groups"]
     assert groups[0]["momentum"] == 0.8 and groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0
     assert state["class_weights"] is not None and len(state["class_weights"]) == 34
-    assert "crop 64x96, 1 loader workers" in result.stdout and "train cached" not in result.stdout
+    assert "crop 64x96, first 1 epochs at scale 0.5, 1 loader workers" in result.stdout
+    assert "train cached" not in result.stdout and config["stages"] == ((0.5, 1),)
     rows = list(csv.DictReader(open(edited["run"] / "metrics.csv")))
-    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert [(row["epoch"], row["scale"]) for row in rows] == [("1", "0.5"), ("2", "1.0")]
     assert state["history"][0]["train_loss"] > 0
 
 
@@ -78,8 +79,10 @@ def test_help_shows_the_defaults_the_edited_block_set(edited):
     result = run_copy(edited["script"], "--help")
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
-    for shown in ("--arch ARCH fcn32 | fcn16 | fcn8 (default fcn8)", "--epochs EPOCHS (default 2)",
-                  "--crop-size H [W] [H [W] ...] training crop (default (64, 96);", "--lr LR (default 0.02)",
+    for shown in ("--arch ARCH fcn32 | fcn16 | fcn8 (default fcn8)", "all stages together (default 2)",
+                  "--stages [SCALE:EPOCHS ...]", "(default ((0.5, 1),))",
+                  "--crop-size H [W] [H [W] ...] training crop (None: the dataset's) (default (64, 96))",
+                  "--lr LR peak SGD learning rate (default 0.02)",
                   "--workers WORKERS DataLoader processes per training process, or auto (default 1)",
                   "(default cityscapes)", "(default full)", "--no-amp CUDA: bf16/fp16 autocast; --no-amp: float32 "
                   "(default False)"):
@@ -91,7 +94,7 @@ def test_help_shows_the_defaults_the_edited_block_set(edited):
     ("EPOCHS", "2.5", "EPOCHS = 2.5 (--epochs) is not valid: use a whole number, at least 1"),
     ("WORKERS", '"many"', "WORKERS = 'many' (--workers) is not valid: use auto or a whole number")])
 def test_a_wrong_value_in_the_block_is_one_line_naming_the_constant(tmp_path, name, source, expected):
-    result = run_copy(edited_copy(tmp_path / "copy", {name: source, "OUT_DIR": f'"{tmp_path / "run"}"'}))
+    result = run_copy(edited_copy(tmp_path / "copy", {name: source, "OUT": f'"{tmp_path / "run"}"'}))
     assert result.returncode == 1 and result.stderr.strip() == f"error: {result.stderr.strip()[7:]}"
     assert expected in result.stderr and "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "run").exists()

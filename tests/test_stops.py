@@ -119,10 +119,44 @@ def test_a_group_signal_during_test_py_predictions_is_one_line_and_status_130(tr
     process = start([sys.executable, str(ROOT / "test.py"), "--checkpoint", str(trained_run / "best.pt"), "--images",
                      str(images), "--out", str(out), "--save-all", "--workers", "2", "--flip", "--scales", "1", "2"],
                     tmp_path)
-    deadline = time.time() + 120
-    while not (out.is_dir() and any(out.rglob("*.png"))) and time.time() < deadline:
+    deadline, staging = time.time() + 120, tmp_path / ".predictions.partial"  # where test.py writes until it ends
+    while not (staging.is_dir() and any(staging.rglob("*.png"))) and time.time() < deadline:
         time.sleep(0.02)
     os.killpg(process.pid, signum)
     printed = process.communicate(timeout=120)[0]
     assert process.returncode == 130, printed[-3000:]
     assert "Traceback" not in printed and printed.strip().splitlines()[-1].startswith("interrupted; ")
+    assert not out.exists() and not staging.exists()  # nothing of the interrupted run is left
+
+
+def test_a_stop_signal_taken_by_another_thread_while_workers_start_is_raised_once_they_are_registered():
+    """The kernel hands a process-directed signal to any thread that has it unblocked (here a timer's, in training
+    OpenMP's or the checkpoint writer's); Python raises it in the main thread, which was then inside the loader's
+    start with its workers running and not yet registered to be killed at exit."""
+    import multiprocessing
+    import threading
+
+    from torch.utils.data import Sampler, TensorDataset
+
+    from segmentation import runtime
+
+    class SlowSampler(Sampler):  # the loader asks it for indices after starting the workers
+        def __iter__(self):
+            started.update(set(multiprocessing.active_children()) - before)
+            time.sleep(1.0)
+            yield from range(4)
+
+        def __len__(self):
+            return 4
+    loader = runtime.StopSafeLoader(TensorDataset(torch.arange(4)), batch_size=1, sampler=SlowSampler(), num_workers=2,
+                                    multiprocessing_context="fork")
+    before, started = set(multiprocessing.active_children()), set()
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            iter(loader)
+        assert len(started) == 2 and started <= set(runtime._WORKERS)
+    finally:
+        for worker in set(multiprocessing.active_children()) - before:
+            worker.kill()
+            worker.join()
