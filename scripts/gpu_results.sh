@@ -3,13 +3,13 @@
 # SYNTHETIC tree of KITTI's size (200 labelled images at KITTI resolutions), random init (no internet there).
 # bench.py needs onnxruntime and export.py onnxscript/onnx (requirements*.txt): carry the wheels if the machine lacks them.
 # Usage: bash scripts/gpu_results.sh OUT_DIR [STAGE ...]   stages: check (GPU-only tests, bench: ~4 min on an H100),
-# runs (three 50-epoch runs: ~4 min), suite (the whole test suite), camvid (issue 25's two-stage recipe, half size
-# then full size, seeds 0 and 1, then the same at ENet's length, 300 epochs in all, then docs/results.md's older
-# CamVid rows still to run; each scored on test). Default: check runs. A device call may last at most 10 minutes, so
-# give each call one stage; CAMVID_ROWS="name ..." runs only those camvid rows (a full-size row needs the half-size
-# row it starts from, in the same call or an earlier one on the same warm machine).
-# camvid needs data/camvid (182 MB) and data/camvid-half (57 MB) from scripts/prepare_camvid.py on the device, more
-# than one call carries (64 MiB): here `tar -cf - data/camvid data/camvid-half | split -b 60M - data/camvid.tar.part-`,
+# runs (three 50-epoch runs: ~4 min), suite (the whole test suite), camvid (issue 32's one-command recipe, 50
+# half-scale then 40 full-scale epochs with --stages, seeds 0 and 1, the same on the held-out-drive split and as a
+# final fit on train+val, then at ENet's length, 300 epochs in all, then docs/results.md's older CamVid rows still to
+# run; each scored on test). Default: check runs. A device call may last at most 10 minutes, so give each call one
+# stage; CAMVID_ROWS="name ..." runs only those camvid rows.
+# camvid needs data/camvid (182 MB, with its splits-heldout/ and splits-trainval/) from scripts/prepare_camvid.py on
+# the device, more than one call carries (64 MiB): here `tar -cf - data/camvid | split -b 60M - data/camvid.tar.part-`,
 # one call per part with carry ["data/camvid.tar.part-aa"] and so on (a warm machine keeps them), then this stage
 # puts them together.
 set -euo pipefail
@@ -66,16 +66,15 @@ suite() {  # the whole suite, in parallel where pytest-xdist is installed (threa
 }
 
 camvid() {  # the commands of docs/results.md's CamVid rows, on the GPU
-  [[ -d data/camvid && -d data/camvid-half ]] || cat data/camvid.tar.part-* | tar -xf -
-  local full="--no-pretrained --arch fcn8 --data-root data/camvid --split-dir data/camvid/splits --label-set data/camvid/camvid.csv"
-  local half="--no-pretrained --arch fcn8 --data-root data/camvid-half --split-dir data/camvid-half/splits"
-  half="$half --label-set data/camvid-half/camvid.csv --crop-size 160 --base-size 180"
-  local name size size_flags run_flags start
-  while read -r name size run_flags; do
+  [[ -d data/camvid ]] || cat data/camvid.tar.part-* | tar -xf -
+  local camvid="--no-pretrained --arch fcn8 --data-root data/camvid --label-set data/camvid/camvid.csv"
+  local recipe="--class-weights log --crop-size 320 --base-size 360 --epochs 90 --stages 0.5:50"
+  local name run_flags start
+  while read -r name run_flags; do
     [[ -z ${CAMVID_ROWS:-} || " $CAMVID_ROWS " == *" $name "* ]] || continue
-    [[ $size == full ]] && size_flags=$full || size_flags=$half
+    run_flags=${run_flags//RECIPE/$recipe}
     start=$SECONDS
-    python3 main.py $size_flags $run_flags --workers "${WORKERS:-8}" --out "/tmp/camvid/$name" < /dev/null \
+    python3 main.py $camvid $run_flags --workers "${WORKERS:-8}" --out "/tmp/camvid/$name" < /dev/null \
       > "$out/camvid_$name.log" 2>&1 || { echo "camvid $name FAILED" | tee -a "$out/camvid_$name.log"; continue; }
     echo "wall seconds $name: $((SECONDS - start))" | tee -a "$out/camvid_$name.log"
     python3 test.py --checkpoint "/tmp/camvid/$name/best.pt" --split test --out "/tmp/camvid/$name-test" < /dev/null \
@@ -83,16 +82,17 @@ camvid() {  # the commands of docs/results.md's CamVid rows, on the GPU
     cp "/tmp/camvid/$name/metrics.csv" "$out/camvid_metrics_$name.csv"
     cp "/tmp/camvid/$name-test/metrics.json" "$out/camvid_test_$name.json"
   done <<'ROWS'
-half-log-seed0 half --class-weights log --seed 0
-full-log-seed0 full --class-weights log --epochs 40 --crop-size 320 --base-size 360 --seed 0 --init-from /tmp/camvid/half-log-seed0/best.pt
-half-log-seed1 half --class-weights log --seed 1
-full-log-seed1 full --class-weights log --epochs 40 --crop-size 320 --base-size 360 --seed 1 --init-from /tmp/camvid/half-log-seed1/best.pt
-half-log-250-seed0 half --class-weights log --epochs 250 --seed 0
-full-log-50-seed0 full --class-weights log --epochs 50 --crop-size 320 --base-size 360 --seed 0 --init-from /tmp/camvid/half-log-250-seed0/best.pt
-fcn8-log-300-seed0 full --class-weights log --epochs 300 --seed 0
-fcn32 full --arch fcn32
-fcn8-mf-seed1 full --class-weights median-freq --seed 1
-fcn8-mf-seed2 full --class-weights median-freq --seed 2
+stages-seed0 RECIPE --split-dir data/camvid/splits --seed 0
+stages-seed1 RECIPE --split-dir data/camvid/splits --seed 1
+stages-seed2 RECIPE --split-dir data/camvid/splits --seed 2
+heldout-seed0 RECIPE --split-dir data/camvid/splits-heldout --seed 0
+heldout-seed1 RECIPE --split-dir data/camvid/splits-heldout --seed 1
+trainval-seed0 RECIPE --split-dir data/camvid/splits-trainval --seed 0
+trainval-seed1 RECIPE --split-dir data/camvid/splits-trainval --seed 1
+stages-300-seed0 RECIPE --split-dir data/camvid/splits --epochs 300 --stages 0.5:250 --seed 0
+fcn32 --split-dir data/camvid/splits --arch fcn32
+fcn8-mf-seed1 --split-dir data/camvid/splits --class-weights median-freq --seed 1
+fcn8-mf-seed2 --split-dir data/camvid/splits --class-weights median-freq --seed 2
 ROWS
 }
 
