@@ -184,16 +184,20 @@ def train(args: argparse.Namespace) -> Path:
                                                                         skip=progress.step * args.batch_size)
 
     def validate(scale: float) -> tuple[dict | None, float, float]:
-        """The validation report (None for a final fit without val images), its loss and seconds. Every rank holds
-        the summed confusion matrix and rank 0's BatchNorm statistics, so every rank draws the same conclusions."""
+        """The validation report (None for a final fit without val images, or a DDP validation a stop cut short),
+        its loss and seconds. Every rank holds the summed confusion matrix and rank 0's BatchNorm statistics, so
+        every rank draws the same conclusions."""
         runtime.broadcast_buffers(model)  # rank 0's statistics are the ones saved and scored
         if data.val_loader is None:
             return None, math.nan, 0.0
         start = time.perf_counter()
+        cut = (lambda: stop.requested) if ctx.world_size > 1 else None  # torchrun kills soon after a signal
         confusion, val_loss = evaluate(model, data.val_loader, label_set.num_classes, ctx.device, amp_dtype,
-                                       show=ctx.is_main, class_weights=class_weights, zoom=scale,
+                                       show=ctx.is_main, class_weights=class_weights, zoom=scale, until=cut,
                                        on_prediction=tensorboard.keep_overlays(data.val_loader)
                                        if ctx.is_main and scale == 1 else None)
+        if cut and runtime.on_any_rank(stop.requested, ctx.device):  # a rank stopped early: the epoch goes unscored
+            return None, math.nan, time.perf_counter() - start
         report = evaluation_report(confusion.matrix, label_set)
         if math.isnan(report["benchmark_mIoU"]):
             raise UserError(f"{args.data_root}: the validation images hold no pixel of a scored class "
@@ -212,7 +216,7 @@ def train(args: argparse.Namespace) -> Path:
         """Rank 0: last.pt, and best.pt for the best full-scale epoch (a final fit's: its last), then the records."""
         nonlocal best_miou
         miou = report["benchmark_mIoU"] if report else math.nan
-        is_best = scale == 1 and (miou > best_miou if report else epoch + 1 == args.epochs)
+        is_best = scale == 1 and (miou > best_miou if data.val_loader else epoch + 1 == args.epochs)
         best_miou = miou if is_best else best_miou
         history.append(epoch_record(epoch + 1, epoch_lr(scheduler, epoch, steps_per_epoch), trained, val_loss,
                                     report, seconds, ctx.device, scale))

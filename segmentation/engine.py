@@ -102,7 +102,7 @@ def train_one_epoch(model: nn.Module, train_step: Callable[[torch.Tensor, torch.
         progress.step += 1
         window_steps, window_images = window_steps + 1, window_images + len(images)
         at_boundary = step % log_every == 0 or step == len(batches)
-        stopped = stop is not None and stop.agreed(at_boundary)
+        stopped = stop is not None and stop.agreed()
         if at_boundary or stopped:
             failure = agreed_failure(failure, loss.device)  # every rank reaches a boundary together
             if failure is not None:
@@ -202,13 +202,14 @@ def score_batch(scores: torch.Tensor, target: torch.Tensor,
 def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, amp_dtype: torch.dtype | None = None,
              show: bool = True, on_prediction: Callable[[int, torch.Tensor], None] | None = None,
              class_weights: torch.Tensor | None = None, zoom: float = 1.0,
-             **predict_options) -> tuple[ConfusionMatrix, float]:
+             until: Callable[[], bool] | None = None, **predict_options) -> tuple[ConfusionMatrix, float]:
     """One confusion matrix and the mean loss over the whole loader, summed over DDP ranks. The loss is the
     training loss's definition: with ``class_weights`` each pixel's term weighs as its class, divided by the sum of
     the weights (``segmentation_loss``), so a weighted run's train and val losses are one quantity.
 
     ``on_prediction(batch_index, (N, H, W) class map)`` lets test.py save predictions. ``zoom`` scores images
     and labels resized by it (``augmentation.zoomed``): a reduced resolution stage validates at its own scale.
+    ``until()`` true ends the pass early (a stop request), with what was scored so far.
     """
     model.eval()
     confusion = ConfusionMatrix(num_classes, device)
@@ -216,6 +217,8 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, a
     line = ProgressLine(len(loader), "val", show)
     try:
         for batch_index, (images, labels) in enumerate(loader):
+            if until is not None and until():
+                break
             images, labels = zoomed(images, labels, zoom)
             scores = predict(model, images, device, amp_dtype, **predict_options)
             target = labels.to(device, non_blocking=True).long()

@@ -240,12 +240,18 @@ def precision_name(amp_dtype: torch.dtype | None) -> str:
 
 
 class StopRequest:
-    """Context manager that installs the handlers and restores the previous ones on exit."""
+    """Context manager that installs the handlers and restores the previous ones on exit.
+
+    Under DDP the ranks agree on a stop at every training step, over a gloo group of their own on the CPU (no GPU
+    synchronisation): torchrun kills its ranks a fixed time after it forwards a signal (its --shutdown-timeout, 30 s
+    by default), so the agreement must not wait for a log boundary. Validation ends early on a rank whose flag is set
+    (``evaluate``'s ``until``), and the ranks then agree that the epoch goes unscored."""
 
     def __init__(self, device: torch.device, world_size: int = 1):
         self.device, self.world_size = device, world_size
         self.requested, self._first = False, 0.0
         self._previous: dict = {}
+        self._group = None
 
     def _handle(self, signum, frame) -> None:
         if self.requested and time.monotonic() - self._first > REPEAT_WINDOW_S:
@@ -254,6 +260,8 @@ class StopRequest:
             self.requested, self._first = True, time.monotonic()
 
     def __enter__(self) -> StopRequest:
+        if self.world_size > 1:  # every rank enters at the same point, as new_group requires
+            self._group = dist.new_group(backend="gloo")
         self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         return self
 
@@ -261,13 +269,10 @@ class StopRequest:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
-    def agreed(self, at_boundary: bool = True) -> bool:
-        """Whether to stop now. One process: the flag, checked every step. DDP: only at a boundary that every
-        rank reaches at the same step, where any rank's request stops them all."""
+    def agreed(self) -> bool:
+        """Whether to stop now: this process's flag, or under DDP any rank's (every rank calls it at each step)."""
         if self.world_size == 1:
             return self.requested
-        if not at_boundary:
-            return False
-        flag = torch.tensor(float(self.requested), device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor(float(self.requested))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())

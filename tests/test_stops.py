@@ -160,3 +160,24 @@ def test_a_stop_signal_taken_by_another_thread_while_workers_start_is_raised_onc
         for worker in set(multiprocessing.active_children()) - before:
             worker.kill()
             worker.join()
+
+
+@pytest.mark.slow
+def test_a_stop_during_a_validation_longer_than_torchruns_shutdown_timeout_still_saves_the_epoch(tmp_path):
+    """torchrun forwards SIGTERM to its ranks and kills them --shutdown-timeout seconds later (30 by default, 6
+    here), while this validation would take 12 s more: the ranks end it early and save the trained epoch."""
+    from segmentation.synthetic import write_synthetic_kitti
+    root = write_synthetic_kitti(tmp_path / "tree", num_train=20, num_test=0, seed=0, size=(96, 320))
+    names = sorted(p.stem for p in (root / "training" / "semantic").glob("*.png"))
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "train.txt").write_text("\n".join(names[:8]) + "\n")
+    (tmp_path / "split" / "val.txt").write_text("\n".join(names[8:]) + "\n")  # 6 images a rank, 2 s each
+    process = start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--shutdown-timeout", "6",
+                     "--master_port", str(free_port()), str(ROOT / "tests" / "slow_validation_probe.py"),
+                     *train_argv(root, tmp_path / "run", "--arch", "fcn32", "--split-dir", str(tmp_path / "split"))],
+                    tmp_path, {"OMP_NUM_THREADS": "1", "SLOW_VALIDATION_S": "2"})
+    printed = signal_group_when(process, "validating", signal.SIGTERM)  # torchrun alone: it forwards the signal
+    assert "interrupted: saved" in printed and "after epoch 1" in printed, printed[-3000:]
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["progress"]["step"] == 0
+    assert saved["history"][0]["val_mIoU"] != saved["history"][0]["val_mIoU"]  # NaN: the cut validation is no score
