@@ -165,6 +165,11 @@ def train(args: argparse.Namespace) -> Path:
             torch.cuda.set_rng_state(state["rng_cuda"], ctx.device)
         history, best_miou, start_epoch = state["history"], state["best_miou"], state["epoch"]
         progress = EpochProgress(**state["progress"])
+        if args.warmup_epochs == 0 and history and not math.isclose(history[0]["lr"], epoch_lr(
+                scheduler, 0, steps_per_epoch), rel_tol=1e-9):  # logged before WARMUP_EPOCHS = 0 meant none
+            raise UserError(f"{args.resume}: the run started when WARMUP_EPOCHS = 0 still meant one warm-up step, so "
+                            "it cannot continue on today's schedule; finish it with the version it started with, or "
+                            f"start a new run from its weights with --init-from {quoted(args.resume)}")
     if ctx.is_main:
         print(describe(args, model, label_set, data.summary, ctx, run_dir))
 

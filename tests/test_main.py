@@ -353,3 +353,14 @@ def test_tensorboard_shows_each_epoch_once_after_a_kill_and_resume(synthetic_roo
     assert [event.step for event in logged] == [1, 2, 3]
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [event.value for event in logged] == pytest.approx([float(row["val_mIoU"]) for row in rows], rel=1e-6)
+
+
+def test_a_run_started_when_zero_warmup_meant_one_step_is_refused_on_resume(synthetic_root, tmp_path, monkeypatch):
+    """Its epoch-1 rate was logged by that schedule (one warm-up step): today's schedule would not continue it."""
+    run = tmp_path / "run"
+    state = stopped_after_first_epoch(synthetic_root, run, monkeypatch, "--warmup-epochs", "0")
+    main.train(main.parse_args(["--resume", str(run / "last.pt")]))  # today's own zero warm-up resumes
+    state["history"][0]["lr"] *= 0.97  # as the old schedule's first step at 0.1 x LR lowered the epoch's mean rate
+    torch.save(state, run / "last.pt")
+    line = one_line_error(main.main, ["--resume", str(run / "last.pt")])
+    assert "WARMUP_EPOCHS = 0 still meant one warm-up step" in line, line
