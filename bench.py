@@ -83,13 +83,13 @@ def cityscapes_loading(args, num_scenes: int = 24) -> dict:
     ~25 GB), with main.py's worker count and with twice as many, against FCN-16s train steps at the default
     512x1024 crop, batch 8 (bf16 on CUDA)."""
     from data_preprocessing import SegmentationDataset
-    from segmentation.layouts import default_split_for
+    from segmentation.layouts import resolve_split
     from segmentation.synthetic import write_synthetic_cityscapes
     root = Path(tempfile.mkdtemp(prefix="bench-cityscapes-"))
     log(f"writing {num_scenes} synthetic 1024x2048 Cityscapes scenes")
     write_synthetic_cityscapes(root, num_train=num_scenes, num_val=1, seed=0, size=(1024, 2048))
     cityscapes = get_layout("cityscapes")
-    dataset = SegmentationDataset("cityscapes", root, default_split_for("cityscapes", root)["train"] * 2, "train",
+    dataset = SegmentationDataset("cityscapes", root, resolve_split("cityscapes", root, ("train",)).names["train"] * 2, "train",
                                   train_augmentation(cityscapes.crop_size, cityscapes.base_size), cache=False)
     result = {}
     for workers in (args.workers, 2 * args.workers):

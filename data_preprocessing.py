@@ -37,7 +37,7 @@ from torchvision.datasets.utils import download_url, extract_archive
 
 from labels import IGNORE_INDEX, LabelSet, get_label_set
 from segmentation import UserError, os_error_line, require
-from segmentation.layouts import DATASETS, default_split_for, get_layout, list_test_images
+from segmentation.layouts import DATASETS, get_layout, list_test_images, resolve_split
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -260,7 +260,7 @@ def check_tree(root: Path, dataset: str = "kitti", label_set: LabelSet | str = "
     """Read every labelled pair under ``root``, its labels checked against ``label_set``'s table, and summarise the
     tree; the problems found, file by file, are raised together."""
     root = Path(root)
-    split = default_split_for(dataset, root)
+    split = resolve_split(dataset, root, ("train", "val")).names
     names = get_layout(dataset).labelled(root)
     pairs = SegmentationDataset(dataset, root, names, label_set)
     sizes, problems = set(), []

@@ -31,7 +31,7 @@ from labels import LabelSet, colorize
 from segmentation import UserError, os_error_line, require, runtime
 from segmentation.checkpoint import load_model
 from segmentation.engine import ProgressLine, class_map, evaluate, predict
-from segmentation.layouts import ROOT_SPLITS, labelled_names, list_images, list_test_images
+from segmentation.layouts import list_images, list_test_images, resolve_split
 from segmentation.metrics import evaluation_report
 from segmentation.records import check_writable, plot_confusion
 from segmentation.runtime import pick_device
@@ -143,18 +143,6 @@ def write_report(report: dict, out: Path, extra: dict) -> None:
         writer.writerow(["class", "iou", "acc", "pixels"])
         for row in zip(report["class_names"], report["iou"], report["acc"], report["pixels"]):
             writer.writerow([row[0], *(("" if math.isnan(v) else f"{v:.6f}") for v in row[1:3]), row[3]])
-
-
-def split_dir_for(args: argparse.Namespace, state: dict, root: Path) -> Path | None:
-    """Where the split's <split>.txt is: --split-dir, else the run folder (its own train.txt/val.txt), else the
-    run's --split-dir, else the data root's own splits/ (e.g. CamVid's, with test.txt); None: the dataset's
-    default split."""
-    if args.split_dir is not None:
-        return args.split_dir
-    for folder in (args.checkpoint.parent, state.get("config", {}).get("split_dir"), root / ROOT_SPLITS):
-        if folder and (Path(folder) / f"{args.split}.txt").is_file():
-            return Path(folder)
-    return None
 
 
 def evaluate_split(args, model, state, dataset: SegmentationDataset, device, amp_dtype, writer) -> dict:
@@ -317,14 +305,14 @@ def run(args: argparse.Namespace) -> dict:
         with staged(args.out) as staging:
             return predict_video(frames, staging / f"{args.images.stem}_overlay.mp4", args, model, label_set, device,
                                  amp_dtype)
-    split_dir = split_dir_for(args, state, root)
-    if args.images is not None or (args.split == "test" and not (split_dir and (split_dir / "test.txt").is_file())):
-        # a folder, or a test split without public labels (KITTI's, Cityscapes'): predictions only
+    names = None if args.images is not None else resolve_split(  # the run's own split files first (layouts.py)
+        dataset_name, root, (args.split,), args.split_dir, (args.checkpoint.parent, config.get("split_dir"))
+    ).names[args.split]
+    if names is None:  # a folder, or a test split without public labels (KITTI's, Cityscapes'): predictions only
         items = list_images(args.images) if args.images is not None else list_test_images(dataset_name, root)
         with staged(args.out) as staging:
             return predict_images(args, model, ImageList(items), device, amp_dtype,
                                   prediction_writer(args, staging, label_set))
-    names = labelled_names(dataset_name, root, args.split, split_dir)
     dataset = SegmentationDataset(dataset_name, root, names, label_set)
     with staged(args.out) as staging:
         return evaluate_split(args, model, state, dataset, device, amp_dtype,

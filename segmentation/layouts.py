@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 from segmentation import UserError
 
@@ -37,7 +38,6 @@ CITYSCAPES_HELP = ("expected ROOT/leftImg8bit/{train,val,test}/<city>/<city>_<se
                    "ROOT/gtFine/{train,val,test}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png (Cityscapes "
                    "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip); pass --data-root PATH")
 CITYSCAPES_IMAGE, CITYSCAPES_LABEL = "_leftImg8bit.png", "_gtFine_labelIds.png"
-LABELLED_SPLITS = ("train", "val", "trainval")
 ROOT_SPLITS = "splits"  # ROOT/splits/{train,val,test}.txt: a data root's own split, used when no --split-dir is given
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -206,42 +206,52 @@ def get_layout(dataset: str) -> KittiLayout | CityscapesLayout:
 
 
 # --- splits ------------------------------------------------------------------------------------------------
-def root_split_dir(root: Path) -> Path | None:
-    """The data root's own split folder, ``ROOT/splits``, if it holds train.txt and val.txt."""
-    folder = Path(root) / ROOT_SPLITS
-    return folder if (folder / "train.txt").is_file() and (folder / "val.txt").is_file() else None
+class Split(NamedTuple):
+    """The names of each split asked for (None: a split without labels, e.g. KITTI's test), and where they came
+    from, for a run's start line."""
+    names: dict[str, list[str] | None]
+    source: str
 
 
-def held_out_names(root: Path) -> set[str]:
-    """The names in ``ROOT/splits/test.txt``: never trained on or validated by default."""
-    path = Path(root) / ROOT_SPLITS / "test.txt"
-    return set(read_names(path)) if path.is_file() else set()
+def resolve_split(dataset: str, root: Path, wanted: tuple[str, ...], given: Path | None = None,
+                  found: tuple[Path | str | None, ...] = ()) -> Split:
+    """The one place that decides which images train, validate and test. ``wanted`` names splits: train, val, test,
+    or trainval (train + val). The first of these that applies decides them all:
 
+    1. ``given`` (--split-dir): its <split>.txt files, which must be there;
+    2. ``found``, in order (a resumed run: its own folder; test.py: the run folder, then the run's --split-dir):
+       the first folder that holds every wanted file;
+    3. the data root's own ``ROOT/splits`` folder, if it holds every wanted file;
+    4. the dataset's fixed split (KITTI's 80/20 of the labelled images, Cityscapes' official folders), less the
+       names of ``ROOT/splits/test.txt``, which it never trains or validates on; its test split has no labels.
 
-def split_source(dataset: str, root: Path, split_dir: Path | None) -> str:
-    """Where a run's train/val names come from, for its start line."""
-    if split_dir is not None:
-        return f"split from {split_dir}"
-    own = root_split_dir(root)
-    if own is not None:
-        return f"split from {own} (the data root's own)"
-    held_out = held_out_names(root)
-    return (f"split: {get_layout(dataset).default_source}" +
-            (f", less the {len(held_out)} test names of {Path(root) / ROOT_SPLITS / 'test.txt'}" if held_out else ""))
-
-
-def default_split_for(dataset: str, root: Path) -> dict[str, list[str]]:
-    """``{"train": names, "val": names}`` of a run without --split-dir: the data root's own split files, else KITTI's
-    fixed 80/20 split or Cityscapes' official folders, without the root's test names. Fixed, not drawn from
-    main.py's ``--seed``; this is what main.py writes as train.txt/val.txt into a run folder."""
-    own = root_split_dir(root)
-    if own is None:
-        return get_layout(dataset).default_split(Path(root), held_out_names(root))
-    labelled = set(get_layout(dataset).labelled(Path(root)))  # listed once for the two or three files
-    files = [name for name in ("train", "val", "test") if (own / f"{name}.txt").is_file()]
-    split = {name: split_file_names(dataset, root, own / f"{name}.txt", labelled) for name in files}
-    check_disjoint(split, own)
-    return {name: split[name] for name in ("train", "val")}
+    A folder's files (test.txt included) are read against one listing of the labelled images: each name a
+    labelled image, listed once, and in one file only."""
+    files = sorted({name for split in wanted for name in (("train", "val") if split == "trainval" else (split,))})
+    own, root = Path(root) / ROOT_SPLITS, Path(root)
+    if given is not None:
+        missing = next((Path(given) / f"{name}.txt" for name in files if not (Path(given) / f"{name}.txt").is_file()),
+                       None)
+        if missing:
+            raise UserError(f"{missing} is missing: a split folder needs train.txt and val.txt, one image name a line")
+        folder, source = Path(given), f"split from {given}"
+    else:
+        folder = next((Path(f) for f in (*found, own) if f and all((Path(f) / f"{n}.txt").is_file() for n in files)),
+                      None)
+        source = f"split from {folder}" + (" (the data root's own)" if folder == own else "")
+    if folder is None:
+        held_out = set(read_names(own / "test.txt")) if (own / "test.txt").is_file() else set()
+        split = {**get_layout(dataset).default_split(root, held_out), "test": None}
+        source = f"split: {get_layout(dataset).default_source}" + (
+            f", less the {len(held_out)} test names of {own / 'test.txt'}" if held_out else "")
+    else:
+        labelled = set(get_layout(dataset).labelled(root))  # listed once for all the folder's files
+        split = {name: split_file_names(folder / f"{name}.txt", root, labelled) for name in ("train", "val", "test")
+                 if (folder / f"{name}.txt").is_file()}
+        check_disjoint(split, folder)
+    if "trainval" in wanted:
+        split["trainval"] = sorted(split["train"] + split["val"])
+    return Split({name: split[name] for name in wanted}, source)
 
 
 def check_disjoint(split: dict[str, list[str]], folder: Path) -> None:
@@ -256,34 +266,16 @@ def check_disjoint(split: dict[str, list[str]], folder: Path) -> None:
                                 "name in one file")
 
 
-def labelled_names(dataset: str, root: Path, split: str, split_dir: Path | None = None) -> list[str]:
-    """Names in a labelled split: ``split_dir/<split>.txt`` if given (any split it names, e.g. a labelled test.txt),
-    else ``default_split_for``; ``trainval`` is train + val. Which folder holds a test.txt is the caller's
-    question (test.py's ``split_dir_for``)."""
-    if split == "trainval" or (split_dir is None and split in LABELLED_SPLITS):
-        default = default_split_for(dataset, root)
-        return sorted(default["train"] + default["val"]) if split == "trainval" else default[split]
-    if split_dir is None:
-        raise UserError(f"unknown labelled split {split!r}; choose one of {', '.join(LABELLED_SPLITS)}, or give "
-                        f"a split folder holding {split}.txt")
-    path = Path(split_dir) / f"{split}.txt"
-    if not path.is_file():
-        raise UserError(f"{path} is missing: a split folder needs train.txt and val.txt, one image name a line")
-    return split_file_names(dataset, root, path)
-
-
 def read_names(path: Path) -> list[str]:
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def split_file_names(dataset: str, root: Path, path: Path, labelled: set[str] | None = None) -> list[str]:
-    """The names in a split file, each once and each a labelled image of ``root`` (``labelled``: those names, if
-    the caller has listed them already)."""
+def split_file_names(path: Path, root: Path, labelled: set[str]) -> list[str]:
+    """The names in a split file, each once and each one of ``labelled`` (the labelled images of ``root``)."""
     names = read_names(path)
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:  # a repeated val name would be scored twice
         raise UserError(f"{path}: {', '.join(repeated[:5])} listed more than once; keep each name once")
-    labelled = labelled if labelled is not None else set(get_layout(dataset).labelled(Path(root)))
     unknown = sorted(set(names) - labelled)
     if unknown:
         raise UserError(f"{path}: names not among the labelled images of {root}: {', '.join(unknown[:5])}")

@@ -33,7 +33,7 @@ from labels import LabelSet
 from segmentation import UserError, runtime
 from segmentation.augmentation import train_augmentation
 from segmentation.engine import stage_of, stage_plan
-from segmentation.layouts import check_disjoint, default_split_for, get_layout, labelled_names, split_source
+from segmentation.layouts import get_layout, resolve_split
 
 # Loader workers see the decoded cache copy-on-write only when forked. Python 3.14 made forkserver Linux's default,
 # which pickles the dataset, cache included, into every worker (docs/results.md). Other systems keep their default.
@@ -163,18 +163,6 @@ class StartedEpoch:
         return self.iterator
 
 
-def run_split(args: argparse.Namespace, run_dir: Path, resuming: bool) -> dict[str, list[str]]:
-    """The train/val names. A new run takes --split-dir's files or the dataset's default split (main.py writes
-    them into the run folder); a resumed run reads them back from there, so a data folder that gained or lost
-    files cannot change it."""
-    split_dir = run_dir if resuming else args.split_dir
-    if split_dir is None:
-        return default_split_for(args.dataset, args.data_root)  # its own split files are checked there
-    split = {name: labelled_names(args.dataset, args.data_root, name, split_dir) for name in ("train", "val")}
-    check_disjoint(split, split_dir)
-    return split
-
-
 def crop_and_base_size(args: argparse.Namespace) -> tuple[tuple[int, int], int]:
     """--crop-size (H, or H W) and --base-size, or the dataset's defaults."""
     layout = get_layout(args.dataset)
@@ -213,7 +201,10 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
                  state: dict | None = None) -> RunData:
     """Training loader (seeded sampler, augmentation) and validation loader (full images batched by size, each
     scored once over all ranks), labels as ``label_set``'s classes."""
-    split = run_split(args, run_dir, resuming=state is not None)
+    # a new run's split is --split-dir's or the data's; a resumed run reads back what it wrote into its folder, so a
+    # data folder that gained or lost files cannot change it
+    split, source = resolve_split(args.dataset, args.data_root, ("train", "val"), None if state else args.split_dir,
+                                  (run_dir,) if state else ())
     crop, base = crop_and_base_size(args)
     # each process holds its own cache: the default budget (half the free memory) is shared by a node's processes;
     # one budget per process, train's images first, val's in what is left
@@ -243,8 +234,6 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
                                           generator=loader_generator(args, ctx, 0), **common)
     val_loader = runtime.StopSafeLoader(val_set, batch_sampler=val_batches, generator=loader_generator(args, ctx, 1),
                                         **common) if len(val_set) else None  # none: a final fit, no selection
-    source = "split from the run folder" if state is not None else split_source(args.dataset, args.data_root,
-                                                                                  args.split_dir)
     summary = (f"{args.dataset} layout: {len(train_set)} train / {len(val_set)} val images ({source}), crop "
                f"{crop[0]}x{crop[1]}{stages_text(args.stages)}, {workers} loader workers; {describe_cache(train_set, 'train')}, "
                f"{describe_cache(val_set, 'val')}")

@@ -23,10 +23,9 @@ from segmentation.augmentation import train_augmentation
 from segmentation.layouts import (
     DATASETS,
     default_split,
-    default_split_for,
-    labelled_names,
     list_labelled,
     list_test_images,
+    resolve_split,
     write_split,
 )
 from segmentation.synthetic import KITTI_SIZES, make_scene, write_synthetic_cityscapes, write_synthetic_kitti
@@ -88,10 +87,10 @@ def test_default_split_is_deterministic_disjoint_and_160_40_for_kitti():
 def test_split_files_round_trip_and_unknown_names_are_reported(synthetic_root, tmp_path):
     split = default_split(list_labelled(synthetic_root))
     write_split(split, tmp_path)
-    assert labelled_names("kitti", synthetic_root, "val", tmp_path) == split["val"]
+    assert resolve_split("kitti", synthetic_root, ("val",), tmp_path).names["val"] == split["val"]
     (tmp_path / "val.txt").write_text("000000_10\nnot_there\n")
     with pytest.raises(UserError, match="not_there"):
-        labelled_names("kitti", synthetic_root, "val", tmp_path)
+        resolve_split("kitti", synthetic_root, ("val",), tmp_path).names["val"]
 
 
 # --- synthetic generator ---------------------------------------------------------------------------------
@@ -139,9 +138,9 @@ def gt(root: Path, split: str, name: str, kind: str = "labelIds") -> Path:
 
 
 def test_cityscapes_splits_are_the_official_folders_named_city_slash_stem(cityscapes_root):
-    assert default_split_for("cityscapes", cityscapes_root) == {"train": CITY_TRAIN, "val": CITY_VAL}
-    assert labelled_names("cityscapes", cityscapes_root, "val") == CITY_VAL
-    assert labelled_names("cityscapes", cityscapes_root, "trainval") == sorted(CITY_TRAIN + CITY_VAL)
+    assert resolve_split("cityscapes", cityscapes_root, ("train", "val")).names == {"train": CITY_TRAIN, "val": CITY_VAL}
+    assert resolve_split("cityscapes", cityscapes_root, ("val",)).names["val"] == CITY_VAL
+    assert resolve_split("cityscapes", cityscapes_root, ("trainval",)).names["trainval"] == sorted(CITY_TRAIN + CITY_VAL)
     [(name, path)] = list_test_images("cityscapes", cityscapes_root)
     assert name == "berlin/berlin_000000_000019"
     assert path == cityscapes_root / "leftImg8bit" / "test" / "berlin" / "berlin_000000_000019_leftImg8bit.png"
@@ -162,12 +161,12 @@ def test_cityscapes_reads_rgb_images_and_labelIds_pixel_by_pixel_and_never_the_c
 
 def test_cityscapes_split_dir_overrides_the_official_folders(cityscapes_root, tmp_path):
     write_split({"train": CITY_VAL[:1], "val": CITY_TRAIN[:2]}, tmp_path)
-    assert labelled_names("cityscapes", cityscapes_root, "train", tmp_path) == CITY_VAL[:1]
-    names = labelled_names("cityscapes", cityscapes_root, "val", tmp_path)
+    assert resolve_split("cityscapes", cityscapes_root, ("train",), tmp_path).names["train"] == CITY_VAL[:1]
+    names = resolve_split("cityscapes", cityscapes_root, ("val",), tmp_path).names["val"]
     assert len(SegmentationDataset("cityscapes", cityscapes_root, names)) == 2
     (tmp_path / "val.txt").write_text("aachen_000000_000019\n")  # the city folder is part of the name
     with pytest.raises(UserError, match="aachen_000000_000019"):
-        labelled_names("cityscapes", cityscapes_root, "val", tmp_path)
+        resolve_split("cityscapes", cityscapes_root, ("val",), tmp_path).names["val"]
 
 
 def test_cityscapes_seeded_augmentation_with_a_non_square_crop(cityscapes_root):
@@ -183,14 +182,14 @@ def test_cityscapes_image_without_labelIds_names_the_missing_file(cityscapes_cop
     gt(cityscapes_copy, "train", CITY_TRAIN[2], "color").unlink()
     gt(cityscapes_copy, "train", CITY_TRAIN[2], "instanceIds").unlink()
     with pytest.raises(UserError, match=r"bochum_000000_000019_gtFine_labelIds.png is missing: every leftImg8bit"):
-        default_split_for("cityscapes", cityscapes_copy)
+        resolve_split("cityscapes", cityscapes_copy, ("train", "val")).names
 
 
 def test_cityscapes_color_files_alone_are_refused_as_labels(cityscapes_copy):
     for label in cityscapes_copy.glob("gtFine/val/*/*_gtFine_labelIds.png"):
         label.unlink()
     with pytest.raises(UserError, match=r"labelIds.png is missing \(and 1 more\); found .*color.png \(colours\).*, not label ids"):
-        labelled_names("cityscapes", cityscapes_copy, "val")
+        resolve_split("cityscapes", cityscapes_copy, ("val",)).names["val"]
 
 
 def test_cityscapes_instance_ids_are_refused_as_labels(cityscapes_copy):
@@ -200,7 +199,7 @@ def test_cityscapes_instance_ids_are_refused_as_labels(cityscapes_copy):
     gt(cityscapes_copy, "train", name).rename(gt(cityscapes_copy, "train", name, "unused"))
     with pytest.raises(UserError, match=r"aachen_000000_000019_gtFine_labelIds.png is missing; found .*color.png "
                                         r"\(colours\) and .*instanceIds.png \(16-bit instance ids\), not label ids"):
-        default_split_for("cityscapes", cityscapes_copy)
+        resolve_split("cityscapes", cityscapes_copy, ("train", "val")).names
     cv2.imwrite(str(gt(cityscapes_copy, "train", name)), instances)  # 16-bit values under the labelIds name
     with pytest.raises(UserError, match=r"aachen_000000_000019_gtFine_labelIds.png: .*8-bit.*uint16.*instanceIds"):
         SegmentationDataset("cityscapes", cityscapes_copy, [name])[0]
@@ -223,7 +222,7 @@ def test_cityscapes_empty_split_folder_and_missing_root_show_the_layout(cityscap
     for image in cityscapes_copy.glob("leftImg8bit/val/*/*.png"):
         image.unlink()
     with pytest.raises(UserError, match=r"leftImg8bit/val holds no <city>/\*_leftImg8bit.png files: expected ROOT/"):
-        default_split_for("cityscapes", cityscapes_copy)
+        resolve_split("cityscapes", cityscapes_copy, ("train", "val")).names
     with pytest.raises(UserError, match=r"nowhere does not exist: expected ROOT/leftImg8bit/.*_gtFine_labelIds.png"):
         SegmentationDataset("cityscapes", tmp_path / "nowhere", CITY_TRAIN)
 

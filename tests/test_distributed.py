@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from data_preprocessing import KittiSemantics
 from model import build_model
 from segmentation.engine import evaluate
-from segmentation.layouts import default_split_for, list_labelled
+from segmentation.layouts import list_labelled, resolve_split
 from segmentation.loading import ShapeBatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def test_a_failure_one_rank_sees_stops_every_rank_promptly_with_the_same_line(wr
              "--workers", "0", "--log-every", "3", "--cache-gb", "0", "--data-root", str(writable_tree),
              "--out", str(tmp_path / "run")]
     if fault.endswith("image"):
-        split = default_split_for("kitti", writable_tree)
+        split = resolve_split("kitti", writable_tree, ("train", "val")).names
         damaged = writable_tree / "training" / "image_2" / f"{split[fault.split()[0]][0]}.png"
         damaged.write_bytes(damaged.read_bytes()[:300])  # a truncated PNG: its header reads, its pixels do not
     processes = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_probe.py"), *flags], cwd=tmp_path,

