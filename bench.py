@@ -89,7 +89,8 @@ def cityscapes_loading(args, num_scenes: int = 24) -> dict:
     log(f"writing {num_scenes} synthetic 1024x2048 Cityscapes scenes")
     write_synthetic_cityscapes(root, num_train=num_scenes, num_val=1, seed=0, size=(1024, 2048))
     cityscapes = get_layout("cityscapes")
-    dataset = SegmentationDataset("cityscapes", root, resolve_split("cityscapes", root, ("train",)).names["train"] * 2, "train",
+    names = resolve_split("cityscapes", root, ("train",)).names["train"]
+    dataset = SegmentationDataset("cityscapes", root, names * 2, "train",
                                   train_augmentation(cityscapes.crop_size, cityscapes.base_size), cache=False)
     result = {}
     for workers in (args.workers, 2 * args.workers):

@@ -41,8 +41,8 @@ from segmentation.layouts import DATASETS, get_layout, list_test_images, resolve
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# a joint augmentation: (image, label, generator or None[, zoom]) -> (image, label), e.g. augmentation.TrainAugmentation;
-# zoom (a resolution stage's scale) is passed only when it is not 1
+# a joint augmentation: (image, label, generator or None[, zoom]) -> (image, label), e.g.
+# augmentation.TrainAugmentation; zoom (a resolution stage's scale) is passed only when it is not 1
 Transform = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 KITTI_URL = "https://s3.eu-central-1.amazonaws.com/avg-kitti/data_semantics.zip"
 KITTI_COUNTS = {"training/image_2": 200, "training/semantic": 200, "testing/image_2": 200}

@@ -235,7 +235,8 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
     val_loader = runtime.StopSafeLoader(val_set, batch_sampler=val_batches, generator=loader_generator(args, ctx, 1),
                                         **common) if len(val_set) else None  # none: a final fit, no selection
     summary = (f"{args.dataset} layout: {len(train_set)} train / {len(val_set)} val images ({source}), crop "
-               f"{crop[0]}x{crop[1]}{stages_text(args.stages)}, {workers} loader workers; {describe_cache(train_set, 'train')}, "
+               f"{crop[0]}x{crop[1]}{stages_text(args.stages)}, {workers} loader workers; "
+               f"{describe_cache(train_set, 'train')}, "
                f"{describe_cache(val_set, 'val')}")
     if not len(val_set):
         summary += ("\nno validation images (an empty val.txt): a final fit, which trains its whole schedule and keeps "

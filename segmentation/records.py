@@ -24,14 +24,15 @@ from segmentation.checkpoint import write_failure
 from segmentation.engine import EpochProgress
 
 STARTUP_FILES = {".lock", "train.txt", "val.txt", "metrics.csv", "class_iou.csv", "curves.png"}  # all but checkpoints
-EVENT_FILE_PREFIX = "events.out.tfevents."  # TensorBoard's; written beside the first last.pt, so a killed run may leave one
+# TensorBoard's; written beside the first last.pt, so a killed run may leave one
+EVENT_FILE_PREFIX = "events.out.tfevents."
 HISTORY_FIELDS = ("epoch", "scale", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
                   "val_seconds", "peak_gpu_mb")
 CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at the end): matplotlib is slow
 
 
-def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float, report: dict | None, val_seconds: float,
-                 device: torch.device, scale: float = 1.0) -> dict:
+def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float, report: dict | None,
+                 val_seconds: float, device: torch.device, scale: float = 1.0) -> dict:
     """One row of metrics.csv (and of class_iou.csv). Its val_mIoU and pixel_acc describe one class set, the
     benchmark's: the 19 Cityscapes classes in both Cityscapes label sets (the 34 ids' pixel accuracy would count
     unlabeled and ego-vehicle pixels that the mIoU ignores), a class table's own classes otherwise. class_iou.csv
@@ -39,7 +40,8 @@ def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float
     ``scale`` the epoch's resolution stage (training and validation at that fraction of the dataset's sizes). A run
     without val images (a final fit) has no ``report``: its validation figures are NaN."""
     report = report or {"benchmark_mIoU": math.nan, "benchmark_pixel_acc": math.nan, "iou": []}
-    return {"epoch": epoch, "scale": scale, "lr": lr, "train_loss": progress.loss_sum / max(progress.step, 1), "val_loss": val_loss,
+    return {"epoch": epoch, "scale": scale, "lr": lr, "train_loss": progress.loss_sum / max(progress.step, 1),
+            "val_loss": val_loss,
             "val_mIoU": report["benchmark_mIoU"], "pixel_acc": report["benchmark_pixel_acc"],
             "seconds": progress.seconds,
             "data_wait": progress.data_wait / max(progress.seconds, 1e-9), "val_seconds": val_seconds,
