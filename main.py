@@ -364,15 +364,19 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"demo done: checkpoints in {run_dir}, curves in {run_dir / 'curves.png'}, "
                       f"predictions and overlays in {run_dir / 'test_val'}")
     except UserError as error:
-        sys.exit(f"error: {error}")
+        line = f"error: {error}"
     except OSError as error:  # a folder or disk that fails mid-run: checkpoints are kept, see save_checkpoint
-        sys.exit(f"error: {os_error_line(error)}")
+        line = f"error: {os_error_line(error)}"
     except RuntimeError as error:
         if "deterministic implementation" not in str(error):
             raise
         operation = str(error).strip().splitlines()[0].split(". ")[0]
-        sys.exit(f"error: --deterministic: {operation} (PyTorch {torch.__version__}); run (or --resume) with "
-                 "--no-deterministic, which keeps everything exact except the last bits on CUDA")
+        line = (f"error: --deterministic: {operation} (PyTorch {torch.__version__}); run (or --resume) with "
+                "--no-deterministic, which keeps everything exact except the last bits on CUDA")
+    else:
+        return
+    runtime.cleanup(after_failure=True)  # the error's frames are gone now, DDP's wrapper with them
+    sys.exit(line)
 
 
 if __name__ == "__main__":

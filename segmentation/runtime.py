@@ -14,6 +14,7 @@ A repeat within ``REPEAT_WINDOW_S`` counts as the same request; only a later one
 from __future__ import annotations
 
 import atexit
+import gc
 import multiprocessing
 import os
 import signal
@@ -110,11 +111,15 @@ def on_main_rank(ctx: Context, make: Callable[[], T], share: bool = True) -> T |
     return outcome if ctx.is_main else shared
 
 
-def cleanup() -> None:
+def cleanup(after_failure: bool = False) -> None:
     """Leave the process group. Free DDP's wrapper first: freed after the group, its reducer is the group's last
     owner and destroys it holding the GIL, while gloo's worker thread may need the GIL to free a finished
-    all-reduce; torchrun runs on 2 CPU cores hung there at exit (torch 2.11)."""
+    all-reduce; torchrun runs on 2 CPU cores hung there at exit (torch 2.11). ``after_failure``: the failed run's
+    frames (DDP's wrapper among them) are first collected; left to the interpreter's exit, the group was torn down
+    in no fixed order and one rank in ten aborted ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if after_failure:
+            gc.collect()
         dist.destroy_process_group()
 
 
