@@ -35,6 +35,7 @@ from segmentation.checkpoint import (
 from segmentation.engine import (
     EpochProgress,
     NonFiniteLoss,
+    Stage,
     autocast,
     epoch_lr,
     evaluate,
@@ -62,11 +63,11 @@ from segmentation.settings import SETTINGS, add_flags, check_args, load_resume_s
 ARCH = "fcn16"                   # fcn32 | fcn16 | fcn8
 DATASET = "kitti"                # kitti | cityscapes (official layout; see docs/datasets.md)
 EPOCHS = 50                      # passes over the training split (160 images for KITTI), all stages together
-STAGES = ()                      # resolution stages first: (scale, epochs) pairs, e.g. ((0.5, 30),) trains 30 epochs on
-                                 # images, crops and val at half scale, then the rest of EPOCHS at full scale
+STAGES = ()                      # resolution stages first: (scale, epochs) pairs, e.g. ((0.5, 30),) trains 30 epochs at
+                                 # half scale (scored once, at their end), then the rest of EPOCHS at full scale
 BATCH_SIZE = 8                   # images per step and per process (DDP: total = BATCH_SIZE x processes)
-CROP_SIZE = None                 # training crop, H or (H, W) pixels; None: KITTI 320x320, Cityscapes 512x1024
-BASE_SIZE = None                 # scaling draws the shorter side from 0.5-2.0 x this; None: KITTI 375, Cityscapes 1024
+CROP_SIZE = None                 # training crop, H or (H, W) pixels; None: the dataset's (segmentation/layouts.py)
+BASE_SIZE = None                 # scaling draws the shorter side from 0.5-2.0 x this; None: the dataset's
 LR = 0.01                        # peak SGD learning rate, reached after warm-up (not scaled with DDP)
 MOMENTUM = 0.9                   # SGD momentum, in [0, 1)
 WEIGHT_DECAY = 1e-4              # L2 on convolution weights (not on BatchNorm, biases or the x2 upsampling)
@@ -188,12 +189,13 @@ def train(args: argparse.Namespace) -> Path:
     plan, batches = stage_plan(args.stages, args.epochs), StartedEpoch(data.train_loader, data.sampler, start_epoch,
                                                                         skip=progress.step * args.batch_size)
 
-    def validate(scale: float) -> tuple[dict | None, float, float]:
-        """The validation report (None for a final fit without val images, or a DDP validation a stop cut short),
-        its loss and seconds. Every rank holds the summed confusion matrix and rank 0's BatchNorm statistics, so
-        every rank draws the same conclusions."""
+    def validate(epoch: int, stage: Stage) -> tuple[dict | None, float, float]:
+        """The validation report (None for a final fit without val images, an epoch a reduced stage does not score,
+        or a DDP validation a stop cut short), its loss and seconds. Every rank holds the summed confusion matrix
+        and rank 0's BatchNorm statistics, so every rank draws the same conclusions."""
         runtime.broadcast_buffers(model)  # rank 0's statistics are the ones saved and scored
-        if data.val_loader is None:
+        scale = stage.scale
+        if data.val_loader is None or (scale != 1 and epoch + 1 < stage.end):  # never chosen: scored at its end only
             return None, math.nan, 0.0
         start = time.perf_counter()
         cut = (lambda: stop.requested) if ctx.world_size > 1 else None  # torchrun kills soon after a signal
@@ -237,7 +239,7 @@ def train(args: argparse.Namespace) -> Path:
         elif ctx.is_main:
             republish_best(run_dir, state)
         for epoch in range(start_epoch, args.epochs):
-            scale = stage_of(plan, epoch).scale  # the sampler hands this epoch's samples this scale
+            stage = stage_of(plan, epoch)  # the sampler hands this epoch's samples stage.scale
             try:
                 finished = train_one_epoch(net, train_step, batches, progress, stop, f"epoch {epoch + 1}/{args.epochs}",
                                            args.log_every, ctx.is_main)
@@ -249,12 +251,12 @@ def train(args: argparse.Namespace) -> Path:
             if epoch + 1 < args.epochs:  # the loader workers prepare the next epoch while this one validates
                 batches = StartedEpoch(data.train_loader, data.sampler, epoch + 1)
             trained, progress = progress, EpochProgress()
-            report, val_loss, seconds = validate(scale)
+            report, val_loss, seconds = validate(epoch, stage)
             broken = non_finite(model)  # e.g. BatchNorm statistics overflowed, the loss finite; the same on every rank
             if broken:
                 raise diverged(f"epoch {epoch + 1} left {broken} with NaN or infinite values", epoch)
             # rank 0 writes; a write that failed (a full disk) stops every rank with its line
-            runtime.on_main_rank(ctx, lambda: keep_and_record(epoch, trained, report, val_loss, seconds, scale),
+            runtime.on_main_rank(ctx, lambda: keep_and_record(epoch, trained, report, val_loss, seconds, stage.scale),
                                  share=False)
             if stop.agreed() and epoch + 1 < args.epochs:  # a signal during validation: stop after the epoch
                 stopped = f"after epoch {epoch + 1}"

@@ -1,4 +1,5 @@
 import csv
+import math
 import os
 import shutil
 import signal
@@ -79,8 +80,10 @@ def test_existing_run_folder_is_never_overwritten(synthetic_root, trained_run):
 
 
 def history_without_timings(run_dir: Path) -> list[dict]:
+    """The history's rows without their timings, an unscored epoch's NaN as None (NaN equals nothing)."""
     rows = torch.load(run_dir / "last.pt", weights_only=True)["history"]
-    return [{k: v for k, v in row.items() if k not in ("seconds", "data_wait", "val_seconds")} for row in rows]
+    return [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()
+             if k not in ("seconds", "data_wait", "val_seconds")} for row in rows]
 
 
 def assert_same_history(resumed: list[dict], straight: list[dict]) -> None:

@@ -3,6 +3,7 @@ already reads, on every layout; each stage's own warm-up and decay; best.pt from
 resume inside each stage and at the boundary, after SIGKILL as after Ctrl-C."""
 import argparse
 import csv
+import math
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from test_main import assert_same_history, assert_same_weights, final_weights, h
 import main
 from segmentation.augmentation import TrainAugmentation, zoomed
 from segmentation.engine import make_optimizer, stage_plan
+from segmentation.layouts import resolve_split, write_split
 from segmentation.synthetic import write_synthetic_cityscapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +97,24 @@ def test_stages_run_on_every_layout_and_only_full_scale_epochs_choose_best(synth
     rows = metrics(run)
     assert [row["scale"] for row in rows] == ["0.5", "1.0"] and all(float(row["val_mIoU"]) >= 0 for row in rows)
     assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 2  # the half-scale epoch is never best
+
+
+def test_validation_never_changes_what_a_run_learns_so_a_reduced_stage_is_scored_at_its_end_only(synthetic_root,
+                                                                                                  tmp_path):
+    """Validation reads the model and touches no training state: a staged run with val images ends with the weights
+    of the same run without any (a final fit). So a reduced stage, whose epochs can never become best.pt, is scored
+    once, after its last epoch (validation was 8 s of each 43 s half-scale epoch on CamVid)."""
+    split = resolve_split("kitti", synthetic_root, ("train", "val")).names
+    runs = {}
+    for name, val in (("validated", split["val"]), ("final fit", [])):
+        write_split({"train": split["train"], "val": val}, tmp_path / f"{name} split")
+        runs[name] = tmp_path / name
+        main.train(main.parse_args(train_argv(synthetic_root, runs[name], *STAGED, "--split-dir",
+                                              str(tmp_path / f"{name} split"))))
+    assert_same_weights(final_weights(runs["validated"]), final_weights(runs["final fit"]))
+    rows = metrics(runs["validated"])
+    assert [row["scale"] for row in rows] == ["0.5", "0.5", "1.0", "1.0"]
+    assert [not math.isnan(float(row["val_mIoU"])) for row in rows] == [False, True, True, True]
 
 
 def test_ctrl_c_inside_a_reduced_stage_resumes_exactly(synthetic_root, tmp_path, monkeypatch):
