@@ -34,7 +34,7 @@ from torchvision.models.segmentation import fcn_resnet50
 from data_preprocessing import KittiSemantics
 from labels import IGNORE_INDEX, get_label_set
 from model import ARCHS, ResNet18Trunk, build_model
-from segmentation import UserError, require, runtime
+from segmentation import MAX_SIDE, UserError, require, runtime
 from segmentation.augmentation import train_augmentation
 from segmentation.engine import class_map, predict, score_batch
 from segmentation.layouts import get_layout, list_labelled
@@ -275,8 +275,8 @@ def print_table(result: dict) -> None:
 def check(args: argparse.Namespace) -> None:
     """Every number in range before anything is built, each mistake one line."""
     require(args.batch_size >= 1, "--batch-size", args.batch_size, "1 or more")
-    require(all(32 <= side <= 4096 for side in args.crop_size), "--crop-size", args.crop_size,
-            "H W, each 32 to 4096 pixels")
+    require(all(32 <= side <= MAX_SIDE for side in args.crop_size), "--crop-size", args.crop_size,
+            f"H W, each 32 to {MAX_SIDE} pixels")
     require(args.workers >= 0, "--workers", args.workers, "0 or more")
     require(args.steps >= 2, "--steps", args.steps, "2 or more: a ratio's spread needs two rounds")
     require(args.warmup >= 0, "--warmup", args.warmup, "0 or more")

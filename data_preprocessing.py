@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.utils import download_url, extract_archive
 
 from labels import IGNORE_INDEX, LabelSet, get_label_set
-from segmentation import UserError, os_error_line, require
+from segmentation import MAX_SIDE, UserError, os_error_line, require
 from segmentation.layouts import DATASETS, get_layout, list_test_images, resolve_split
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -310,13 +310,13 @@ def colour_labels_to_values(source: Path, dest: Path, label_set: LabelSet) -> st
 
 def make_synthetic(args: argparse.Namespace) -> str:
     """Write the synthetic tree that ``--make-synthetic`` asks for; return the line to print."""
-    from segmentation.synthetic import write_synthetic_cityscapes, write_synthetic_kitti
+    from segmentation.synthetic import MIN_HEIGHT, write_synthetic_cityscapes, write_synthetic_kitti
     require(args.num >= 1, "--num", args.num, "1 or more labelled images")
     require(args.num_val >= 1, "--num-val", args.num_val, "1 or more validation images")
     require(args.num_test >= 0, "--num-test", args.num_test, "0 or more")
     require(args.seed >= 0, "--seed", args.seed, "0 or more")
-    require(args.size is None or all(60 <= side <= 4096 for side in args.size), "--size", args.size,
-            "H W, each 60 to 4096 pixels")
+    require(args.size is None or all(MIN_HEIGHT <= side <= MAX_SIDE for side in args.size), "--size", args.size,
+            f"H W, each {MIN_HEIGHT} to {MAX_SIDE} pixels")
     size = tuple(args.size) if args.size else None
     if args.layout == "cityscapes":
         write_synthetic_cityscapes(args.make_synthetic, args.num, args.num_val, args.num_test, args.seed, size)

@@ -22,6 +22,8 @@ import shlex
 from pathlib import Path
 
 _WORKER_MARKER = f"{__name__}.UserError: "
+MAX_SIDE = 8192  # pixels: any command's crop, base or image size beyond it is a slip (an extra digit) that would
+#                  exhaust any memory
 OS_ERROR_FIXES = {
     errno.ENOSPC: "free space on that disk",
     errno.EDQUOT: "free space within your disk quota",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from model import ARCHS
-from segmentation import UserError, quoted
+from segmentation import MAX_SIDE, UserError, quoted
 from segmentation.checkpoint import load_checkpoint, require_training_state
 from segmentation.layouts import LAYOUTS
 from segmentation.loading import WEIGHTINGS
@@ -50,7 +50,6 @@ def stage_valid(pair: object) -> bool:
         whole(pair[1], 1)
 
 
-MAX_SIDE = 8192  # pixels: a crop, base or image size beyond it is a slip (an extra digit) that would exhaust any memory
 
 
 def whole(value: object, low: int) -> bool:

@@ -180,7 +180,7 @@ def mistaken_inputs(root, run, tmp):
         (data_preprocessing.main, ["--make-synthetic", str(tmp / "syn"), "--num", "-1"], "--num -1 is not valid"),
         (data_preprocessing.main, ["--make-synthetic", str(tmp / "syn"), "--num-test", "-2"], "--num-test -2 is not"),
         (data_preprocessing.main, ["--make-synthetic", str(tmp / "syn"), "--size", "100000", "100000"],
-         "--size 100000 100000 is not valid: use H W, each 60 to 4096"),
+         "--size 100000 100000 is not valid: use H W, each 60 to 8192"),
         (bench.main, ["--batch-size", "0"], "--batch-size 0 is not valid"),
         (bench.main, ["--crop-size", "320", "0"], "--crop-size 320 0 is not valid"),
         (bench.main, ["--steps", "1"], "--steps 1 is not valid"),
