@@ -31,9 +31,7 @@ from segmentation.checkpoint import load_model
 
 FORMATS = ("onnx", "pt2")
 EXAMPLE_SIZE = (375, 1242)  # a KITTI frame; the trace is dynamic in both, so any size would do
-# torch before 2.13: its max_pool2d shape function ties the trace to one parity of H. torch.__version__ is a
-# TorchVersion, which compares as a version (2.9 < 2.13), not as text; 2.13 pre-releases count as old.
-OLD_EXPORT = torch.__version__ < "2.13"
+OLD_EXPORT = torch.__version__ < "2.13"  # see ExportableMaxPool; a TorchVersion: 2.9 < 2.13, 2.13 pre-releases too
 
 
 class ExportableMaxPool(nn.Module):
@@ -86,8 +84,7 @@ def save_onnx(program: torch.export.ExportedProgram, path: Path, with_logits: bo
 
 
 def save_atomically(program: torch.export.ExportedProgram, path: Path, fmt: str, with_logits: bool) -> None:
-    """Write beside ``path`` and rename, as segmentation/checkpoint.py does, so a failed export never leaves half a
-    file."""
+    """Write beside ``path`` and rename, as checkpoint.py does, so a failed export never leaves half a file."""
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         if fmt == "onnx":

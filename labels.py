@@ -86,17 +86,10 @@ TRAIN_LABELS = tuple(sorted((l for l in LABELS if 0 <= l.trainId < IGNORE_INDEX)
 CATEGORIES = tuple(dict.fromkeys(l.category for l in LABELS if not l.ignoreInEval))
 VALID_IDS = np.array(sorted(l.id for l in LABELS if l.id >= 0), dtype=np.uint8)
 
-# id -> trainId look-up table: index with a uint8 label map; ids not in the table give 255.
-ID_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-for _label in LABELS:
-    if _label.id >= 0:
-        ID_TO_TRAIN_ID[_label.id] = _label.trainId
-
-# id -> RGB palette (256 rows; ids not in the table are black).
-ID_TO_COLOR = np.zeros((256, 3), dtype=np.uint8)
-for _label in LABELS:
-    if _label.id >= 0:
-        ID_TO_COLOR[_label.id] = _label.color
+ID_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, dtype=np.uint8)  # index it with a uint8 label map; other ids give 255
+ID_TO_TRAIN_ID[VALID_IDS] = [ID_TO_LABEL[i].trainId for i in VALID_IDS]
+ID_TO_COLOR = np.zeros((256, 3), dtype=np.uint8)  # the RGB palette of label ids; other ids are black
+ID_TO_COLOR[VALID_IDS] = [ID_TO_LABEL[i].color for i in VALID_IDS]
 
 
 @dataclass(frozen=True)
@@ -183,8 +176,7 @@ def table_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
              if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         raise UserError(f"--label-set {path}: the file is empty; give {TABLE_HELP}")
-    header_line = lines[0][1]
-    delimiter = max(",;\t", key=header_line.count)
+    delimiter = max(",;\t", key=lines[0][1].count)  # the header line's
     parsed = csv.reader([line for _, line in lines], delimiter=delimiter)
     header = [cell.strip().lower() for cell in next(parsed)]
     while header and not header[-1]:  # a spreadsheet's empty columns after the last one: "value,...,void,,"
@@ -226,8 +218,11 @@ def table_row(path: Path, number: int, row: dict[str, str]) -> tuple[int, str, t
     return value, row["name"], color, void in VOID_YES
 
 
-def repeated(path: Path, what: str, lines_of: dict[object, list[int]]) -> None:
+def refuse_repeats(path: Path, what: str, keys_and_lines: list[tuple[object, int]]) -> None:
     """Refuse a value or name that more than one row holds, naming its lines."""
+    lines_of = {}
+    for key, number in keys_and_lines:
+        lines_of.setdefault(key, []).append(number)
     for key, lines in lines_of.items():
         if len(lines) > 1:
             raise UserError(f"{path}: {what} {key} is on lines {', '.join(map(str, lines))}; keep one row for each")
@@ -238,26 +233,20 @@ def read_class_table(path: Path) -> LabelSet:
     naming the line or column (``table_rows``, ``table_row``)."""
     path = Path(path)
     rows = [(number, *table_row(path, number, row)) for number, row in table_rows(path)]
-    value_lines, name_lines = {}, {}
-    for number, value, name, _, void in rows:
-        value_lines.setdefault(value, []).append(number)
-        if not void:
-            name_lines.setdefault(repr(name), []).append(number)
-    repeated(path, "value", value_lines)
-    repeated(path, "class name", name_lines)
+    refuse_repeats(path, "value", [(value, number) for number, value, *_ in rows])
+    refuse_repeats(path, "class name", [(repr(name), number) for number, _, name, _, void in rows if not void])
     classes = [(value, name, color) for _, value, name, color, void in rows if not void]
     if not classes:
         raise UserError(f"{path}: every row is void; a table needs at least one class to learn")
-    value_colors, id_to_class, known = np.zeros((256, 3), np.uint8), np.full(256, IGNORE_INDEX, np.uint8), \
-        np.zeros(256, bool)
+    value_colors, known = np.zeros((256, 3), np.uint8), np.zeros(256, bool)
     known[IGNORE_INDEX] = True
     for _, value, _, color, _ in rows:
         known[value], value_colors[value] = True, color
-    for index, (value, _, _) in enumerate(classes):
-        id_to_class[value] = index
-    return LabelSet(path.name, tuple(name for _, name, _ in classes), np.array([v for v, _, _ in classes], np.uint8),
-                    id_to_class, known, np.array([c for _, _, c in classes], np.uint8), value_colors, None,
-                    f"class table {path}")
+    class_to_id = np.array([value for value, _, _ in classes], np.uint8)
+    id_to_class = np.full(256, IGNORE_INDEX, np.uint8)
+    id_to_class[class_to_id] = np.arange(len(classes), dtype=np.uint8)
+    return LabelSet(path.name, tuple(name for _, name, _ in classes), class_to_id, id_to_class, known,
+                    value_colors[class_to_id], value_colors, None, f"class table {path}")
 
 
 def get_label_set(name: str | Path) -> LabelSet:

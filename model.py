@@ -9,16 +9,14 @@ linearly interpolated in between (``align_corners=True`` semantics). Two useful 
   intends; likewise FCN8s and FCN16s;
 - no crop offsets are needed: outputs are sliced to the input size from the top-left.
 
-Upsampling. The in-network x2 deconvolutions are initialised to bilinear and learned, as the paper's text
-says ("we initialize the 2x upsampling to bilinear interpolation, but allow the parameters to be
-learned"); the reference Caffe nets (``upscore2``, ``lr_mult: 0``) and wkentaro/pytorch-fcn freeze them
-instead. We follow the text; the optimiser keeps them out of weight decay (engine.parameter_groups), which would
-otherwise pull the bilinear kernel towards zero. The final x32/x16/x8 upsampling is frozen bilinear. The frozen one
-is two small matrix
-products (``upsample_aligned``), much cheaper than a (C, C, 2f-1, 2f-1) transposed convolution; it equals
-that deconvolution wherever a pixel lies between two cell centres, while past the last centre (the last
-f-1 rows/columns) the deconvolution fades towards zero and ours holds the border value (tested in
-tests/test_model.py).
+Upsampling. The in-network x2 deconvolutions are initialised to bilinear and learned, as the paper's text says
+("we initialize the 2x upsampling to bilinear interpolation, but allow the parameters to be learned"); the
+reference Caffe nets (``upscore2``, ``lr_mult: 0``) and wkentaro/pytorch-fcn freeze them instead. We follow the
+text; the optimiser keeps them out of weight decay (engine.parameter_groups), which would otherwise pull the
+bilinear kernel towards zero. The final x32/x16/x8 upsampling is frozen bilinear: two small matrix products
+(``upsample_aligned``), much cheaper than a (C, C, 2f-1, 2f-1) transposed convolution; it equals that
+deconvolution wherever a pixel lies between two cell centres, while past the last centre (the last f-1
+rows/columns) the deconvolution fades towards zero and ours holds the border value (tested in tests/test_model.py).
 """
 from __future__ import annotations
 

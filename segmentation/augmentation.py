@@ -20,12 +20,9 @@ class RandomScaleCrop(v2.Transform):
     then an (H, W) ``RandomCrop`` with padding, done the cheap way round: the crop window is chosen in the
     original image and only its part inside the image is resized, then padded: up to 4x fewer pixels are
     resized than by scaling the whole image first (timed in docs/results.md). ``base_size=None`` scales each
-    image's own shorter side.
-
-    Padding is 0 for images and 255 (ignore) for masks. Images are resized bilinearly with centred pixels;
-    masks with ``NEAREST_EXACT``, which samples the same centres. Plain ``NEAREST`` floors ``x * in / out``
-    and lags the image by half an output pixel (up to a whole one: see the test). It is a transforms-v2
-    ``Transform``; ``TrainAugmentation`` calls its ``draw`` and ``crop`` directly.
+    image's own shorter side. Masks are resized by ``NEAREST_EXACT`` (module docstring) because plain ``NEAREST``
+    floors ``x * in / out`` and lags the image by half an output pixel (up to a whole one: see the test). It is a
+    transforms-v2 ``Transform``; ``TrainAugmentation`` calls its ``draw`` and ``crop`` directly.
     """
 
     def __init__(self, size: int | tuple[int, int], base_size: int | None, scale_range: tuple[float, float]):
@@ -45,8 +42,7 @@ class RandomScaleCrop(v2.Transform):
         window_h, window_w = (max(1, round(s / scale)) for s in size)  # the crop's extent in original pixels
         top = int(torch.randint(min(0, height - window_h), max(0, height - window_h) + 1, (), generator=generator))
         left = int(torch.randint(min(0, width - window_w), max(0, width - window_w) + 1, (), generator=generator))
-        return {"top": top, "left": left, "height": window_h, "width": window_w, "short_side": short_side,
-                "size": size}
+        return {"top": top, "left": left, "height": window_h, "width": window_w, "short_side": short_side, "size": size}
 
     def crop(self, inpt: torch.Tensor, params: dict, is_mask: bool) -> torch.Tensor:
         """Resize the part of the window inside the (C, H, W) image or (H, W) mask, then pad it to ``size``."""
@@ -59,16 +55,13 @@ class RandomScaleCrop(v2.Transform):
         out_h = min(max(1, round((y1 - y0) * zoom_y)), size_h - pad_top)
         out_w = min(max(1, round((x1 - x0) * zoom_x)), size_w - pad_left)
         window = inpt[..., y0:y1, x0:x1]
-        if is_mask:  # resize_image, not resize_mask: older torchvision resized masks by plain NEAREST
-            out = TF.resize_image(window[None], [out_h, out_w], InterpolationMode.NEAREST_EXACT)[0]
-        else:
-            out = TF.resize_image(window, [out_h, out_w], InterpolationMode.BILINEAR)
+        # a mask too goes through resize_image, as a one-channel image: older torchvision's resize_mask used NEAREST
+        mode = InterpolationMode.NEAREST_EXACT if is_mask else InterpolationMode.BILINEAR
+        out = TF.resize_image(window[None] if is_mask else window, [out_h, out_w], mode)
         padding = [pad_left, pad_top, size_w - out_w - pad_left, size_h - out_h - pad_top]
         if any(padding):
-            fill = IGNORE_INDEX if is_mask else 0
-            out = TF.pad_image(out[None] if is_mask else out, padding, fill=fill)
-            out = out[0] if is_mask else out
-        return out
+            out = TF.pad_image(out, padding, fill=IGNORE_INDEX if is_mask else 0)
+        return out[0] if is_mask else out
 
     def make_params(self, flat_inputs: list) -> dict:
         height, width = TF.get_size(next(x for x in flat_inputs if isinstance(x, tv_tensors.Image)))
@@ -87,11 +80,10 @@ class TrainAugmentation:
     random order, as ``v2.ColorJitter`` does).
 
     Called as ``augment(image (3, H, W), label (H, W), generator, zoom)`` on tensors on any device; ``zoom`` is
-    the resolution stage's scale (``RandomScaleCrop.draw``). Every random
-    number comes from ``generator`` (the global one if None) and is drawn on the CPU before any pixel is
-    touched, so a seeded generator gives the same sample whichever process makes it. It calls the functional
-    kernels directly rather than through transforms-v2 ``Transform`` objects, whose Python dispatch costs more
-    than the kernels on small crops (docs/results.md).
+    the resolution stage's scale (``RandomScaleCrop.draw``). Every random number comes from ``generator`` (the
+    global one if None) and is drawn on the CPU before any pixel is touched, so a seeded generator gives the same
+    sample whichever process makes it. It calls the functional kernels directly rather than through transforms-v2
+    ``Transform`` objects, whose Python dispatch costs more than the kernels on small crops (docs/results.md).
     """
 
     def __init__(self, crop_size: int | tuple[int, int], base_size: int | None = 375,
@@ -115,12 +107,9 @@ class TrainAugmentation:
         return image, label
 
 
-def train_augmentation(crop_size: int | tuple[int, int], base_size: int | None = 375,
-                       scale_range: tuple[float, float] = (0.5, 2.0)) -> TrainAugmentation:
-    """The training augmentation: random scale (shorter side scale_range x base_size) and an (H, W) crop (an
-    int is square) with padding (image 0, label 255), horizontal flip, mild colour jitter (image only). Each
-    dataset's layout (layouts.py) holds its base and crop size."""
-    return TrainAugmentation(crop_size, base_size, scale_range)
+def train_augmentation(crop_size: int | tuple[int, int], base_size: int | None = 375) -> TrainAugmentation:
+    """Every dataset's training augmentation, at its layout's crop size (an int is square) and base size."""
+    return TrainAugmentation(crop_size, base_size)
 
 
 def zoomed(images: torch.Tensor, labels: torch.Tensor, zoom: float) -> tuple[torch.Tensor, torch.Tensor]:

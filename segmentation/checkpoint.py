@@ -26,8 +26,7 @@ from model import build_model
 from segmentation import UserError, os_error_line, quoted
 
 REQUIRED_KEYS = ("model", "arch", "num_classes", "label_set")
-TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "rng_cpu", "history", "progress", "epoch", "best_miou",
-                 "config")
+TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "rng_cpu", "history", "progress", "epoch", "best_miou", "config")
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -70,9 +69,7 @@ def write_failure(error: Exception, path: Path) -> str:
 
 def resume_hint(run_dir: Path) -> str:
     last = run_dir / "last.pt"
-    if last.is_file():
-        return f"; then continue with: python main.py --resume {quoted(last)}"
-    return "; then run again"
+    return f"; then continue with: python main.py --resume {quoted(last)}" if last.is_file() else "; then run again"
 
 
 def republish_best(run_dir: Path, state: dict) -> None:
@@ -188,8 +185,7 @@ def initialise_from(model: torch.nn.Module, path: Path, arch: str, label_set: La
     same_classes = theirs.class_names == label_set.class_names and \
         np.array_equal(theirs.class_to_id, label_set.class_to_id)
     own = model.state_dict()
-    unexpected = [key for key in state["model"] if key not in own]
-    if unexpected:
+    if any(key not in own for key in state["model"]):
         raise UserError(f"{path}: a {state['arch']} cannot initialise a coarser {arch}")
     loaded = {key: value for key, value in state["model"].items()
               if (same_classes or key.startswith("trunk.")) and value.shape == own[key].shape}

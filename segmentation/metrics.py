@@ -31,8 +31,7 @@ class ConfusionMatrix:
         """prediction: class indices; target: same shape, 255 (or any value >= C) ignored."""
         c = self.num_classes
         target = target.long()
-        valid = target < c
-        index = torch.where(valid, target * c + prediction.long(), c * c)  # ignored pixels go to a spare bin
+        index = torch.where(target < c, target * c + prediction.long(), c * c)  # ignored pixels go to a spare bin
         self.counts.index_add_(0, index.flatten(), torch.ones_like(index.flatten()))
 
     def all_reduce(self) -> None:
@@ -60,25 +59,17 @@ def iou_per_class(confusion: np.ndarray) -> np.ndarray:
 
 def summarize(confusion: np.ndarray) -> dict[str, float | np.ndarray]:
     """The FCN paper's four figures: pixel accuracy, mean accuracy, mean IoU, frequency-weighted IoU."""
-    rows = confusion.shape[0]
-    confusion = confusion.astype(np.float64)
-    tp = np.diag(confusion[:, :rows])
-    gt_pixels = confusion.sum(axis=1)
+    tp = np.diag(confusion[:, : confusion.shape[0]]).astype(np.float64)
+    gt_pixels = confusion.sum(axis=1).astype(np.float64)
     iou = iou_per_class(confusion)
     with np.errstate(invalid="ignore", divide="ignore"):
         accuracy = np.where(gt_pixels > 0, tp / gt_pixels, np.nan)
     total = gt_pixels.sum()
     frequency = gt_pixels / total if total else np.zeros_like(gt_pixels)
     present = ~np.isnan(iou)
-    return {
-        "mIoU": _nanmean(iou),
-        "pixel_acc": float(tp.sum() / total) if total else float("nan"),
-        "mean_acc": _nanmean(accuracy),
-        "fwIoU": float((frequency[present] * iou[present]).sum()),
-        "iou": iou,
-        "acc": accuracy,
-        "pixels": gt_pixels.astype(np.int64),
-    }
+    return {"mIoU": _nanmean(iou), "pixel_acc": float(tp.sum() / total) if total else float("nan"),
+            "mean_acc": _nanmean(accuracy), "fwIoU": float((frequency[present] * iou[present]).sum()),
+            "iou": iou, "acc": accuracy, "pixels": gt_pixels.astype(np.int64)}
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -109,14 +100,12 @@ def evaluation_report(confusion: np.ndarray, label_set: LabelSet) -> dict:
     is the figure a model is chosen and compared by: the 19-class Cityscapes benchmark for the Cityscapes label
     sets, the table's own mIoU for another vocabulary (which has no categories)."""
     report = summarize(confusion)
-    report["class_names"] = label_set.class_names
-    if label_set.class_to_train_id is None:
-        report["benchmark_mIoU"], report["benchmark_iou"], report["category_iou"] = report["mIoU"], report["iou"], {}
-        report["benchmark_pixel_acc"] = report["pixel_acc"]
-        return report
-    benchmark = benchmark_confusion(confusion, label_set)
-    benchmark_summary = summarize(benchmark)
-    report["benchmark_mIoU"], report["benchmark_iou"] = benchmark_summary["mIoU"], benchmark_summary["iou"]
-    report["benchmark_pixel_acc"] = benchmark_summary["pixel_acc"]  # over the benchmark's pixels, as its mIoU
-    report["category_iou"] = dict(zip(CATEGORIES, iou_per_class(category_confusion(benchmark))))
+    report["class_names"], report["category_iou"] = label_set.class_names, {}
+    benchmark = report  # another vocabulary's table is its own benchmark
+    if label_set.class_to_train_id is not None:
+        benchmark_matrix = benchmark_confusion(confusion, label_set)
+        benchmark = summarize(benchmark_matrix)  # its pixel accuracy, too, over the benchmark's pixels
+        report["category_iou"] = dict(zip(CATEGORIES, iou_per_class(category_confusion(benchmark_matrix))))
+    for key in ("mIoU", "iou", "pixel_acc"):
+        report[f"benchmark_{key}"] = benchmark[key]
     return report

@@ -10,7 +10,7 @@ import importlib.util
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
@@ -24,8 +24,7 @@ from segmentation.checkpoint import write_failure
 from segmentation.engine import EpochProgress
 
 STARTUP_FILES = {".lock", "train.txt", "val.txt", "metrics.csv", "class_iou.csv", "curves.png"}  # all but checkpoints
-# TensorBoard's; written beside the first last.pt, so a killed run may leave one
-EVENT_FILE_PREFIX = "events.out.tfevents."
+EVENT_FILE_PREFIX = "events.out.tfevents."  # TensorBoard's, made with the first last.pt: a killed run may leave one
 HISTORY_FIELDS = ("epoch", "scale", "lr", "train_loss", "val_loss", "val_mIoU", "pixel_acc", "seconds", "data_wait",
                   "val_seconds", "peak_gpu_mb")
 CURVES_EVERY_SECONDS = 30  # curves.png is redrawn at most this often (and at the end): matplotlib is slow
@@ -41,10 +40,9 @@ def epoch_record(epoch: int, lr: float, progress: EpochProgress, val_loss: float
     without val images (a final fit) has no ``report``: its validation figures are NaN."""
     report = report or {"benchmark_mIoU": math.nan, "benchmark_pixel_acc": math.nan, "iou": []}
     return {"epoch": epoch, "scale": scale, "lr": lr, "train_loss": progress.loss_sum / max(progress.step, 1),
-            "val_loss": val_loss,
-            "val_mIoU": report["benchmark_mIoU"], "pixel_acc": report["benchmark_pixel_acc"],
-            "seconds": progress.seconds,
-            "data_wait": progress.data_wait / max(progress.seconds, 1e-9), "val_seconds": val_seconds,
+            "val_loss": val_loss, "val_mIoU": report["benchmark_mIoU"], "pixel_acc": report["benchmark_pixel_acc"],
+            "seconds": progress.seconds, "data_wait": progress.data_wait / max(progress.seconds, 1e-9),
+            "val_seconds": val_seconds,
             "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0,
             "class_iou": [None if np.isnan(iou) else round(float(iou), 6) for iou in report["iou"]]}  # None: absent
 
@@ -91,14 +89,10 @@ def check_writable(folder: Path, fix: str = "choose another --out, or fix its pe
 
 @contextmanager
 def claimed_run_dir(ctx: runtime.Context, folder: Path, new: bool) -> Iterator[None]:
-    """Within the block, rank 0 holds ``folder``'s lock (``claim_run_dir``); it is released however the block
-    ends."""
-    lock = runtime.on_main_rank(ctx, lambda: claim_run_dir(folder, new), share=False)
-    try:
+    """Within the block, rank 0 holds ``folder``'s lock (``claim_run_dir``'s open file, closed however the block
+    ends); the other ranks hold nothing."""
+    with runtime.on_main_rank(ctx, lambda: claim_run_dir(folder, new), share=False) or nullcontext():
         yield
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 def claim_run_dir(folder: Path, new: bool) -> IO:
@@ -129,7 +123,7 @@ class TensorBoardLog:
         """``first_epoch``: the epochs already finished (a resumed run's). Anything a killed run logged after them
         is purged by TensorBoard when it reads the files, so no epoch shows twice."""
         self.run_dir, self.label_set, self.writer, self.overlays = run_dir, label_set, None, []
-        self.first_epoch = first_epoch
+        self.purge_step = first_epoch + 1 if first_epoch else None
         self.available = importlib.util.find_spec("tensorboard") is not None
 
     def keep_overlays(self, loader) -> Callable[[int, torch.Tensor], None] | None:
@@ -152,8 +146,7 @@ class TensorBoardLog:
         if self.writer is None:  # made at the first epoch's end, so a run refused at its start leaves no file
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(self.run_dir), purge_step=self.first_epoch + 1 if self.first_epoch
-                                            else None)
+                self.writer = SummaryWriter(str(self.run_dir), purge_step=self.purge_step)
             except Exception as error:  # e.g. a protobuf that this tensorboard cannot use: a record, not the run
                 self.available = False
                 print(f"warning: no TensorBoard files: {type(error).__name__}: {str(error).splitlines()[0]}",
@@ -192,7 +185,6 @@ class HistoryWriter:
 
     def write(self, history: list[dict], final: bool = False) -> None:
         iou_rows = [{"epoch": row["epoch"], **dict(zip(self.class_names, row.get("class_iou", [])))} for row in history]
-        path = self.run_dir / "metrics.csv"
         try:
             for name, fields, rows in (("metrics.csv", HISTORY_FIELDS, history),
                                        ("class_iou.csv", ("epoch", *self.class_names), iou_rows)):
@@ -215,8 +207,9 @@ class HistoryWriter:
 
 def epoch_line(row: dict, epochs: int, is_best: bool) -> str:
     stage = f"  scale {row['scale']:g}" if row.get("scale", 1) != 1 else ""
-    line = (f"epoch {row['epoch']}/{epochs}{stage}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f}  val loss "
-            f"{row['val_loss']:.4f}  mIoU {100 * row['val_mIoU']:.2f}%  pixel acc {100 * row['pixel_acc']:.2f}%  "
+    scored = "  not validated" if math.isnan(row["val_mIoU"]) else (
+        f"  val loss {row['val_loss']:.4f}  mIoU {100 * row['val_mIoU']:.2f}%  pixel acc {100 * row['pixel_acc']:.2f}%")
+    line = (f"epoch {row['epoch']}/{epochs}{stage}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f}{scored}  "
             f"train {row['seconds']:.1f} s (data wait {100 * row['data_wait']:.1f}%)  val {row['val_seconds']:.1f} s")
     if row["peak_gpu_mb"]:
         line += f"  peak GPU {row['peak_gpu_mb']:.0f} MB"
@@ -229,10 +222,11 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig = Figure(figsize=(10, 3.6))
     ax_loss, ax_miou = fig.subplots(1, 2)
     ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train")
-    ax_loss.plot(epochs, [row["val_loss"] for row in history], label="val")
+    ax_loss.plot(epochs, [row["val_loss"] for row in history], label="val", marker=".")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss", yscale="log")  # early val losses can be 100s
     ax_loss.legend()
-    ax_miou.plot(epochs, [100 * row["val_mIoU"] for row in history], color="tab:green")
+    # markers: a reduced stage is scored at its end only, a lone point between unscored (NaN) epochs
+    ax_miou.plot(epochs, [100 * row["val_mIoU"] for row in history], color="tab:green", marker=".")
     ax_miou.set(xlabel="epoch", ylabel="mIoU (%)", title="validation mIoU (reduced stages at their scale)")
     for ax in (ax_loss, ax_miou):
         ax.grid(alpha=0.3)

@@ -17,8 +17,7 @@ from segmentation import UserError
 
 KITTI_SIZES = ((375, 1242), (370, 1224), (374, 1238), (376, 1241))
 MIN_HEIGHT = 60  # below it the street under the horizon (at up to half the height) has no room for a car
-# Official Cityscapes cities are disjoint between splits; names are <city>_<seq>_<frame>.
-CITYSCAPES_CITIES = {"train": ("aachen", "bochum"), "val": ("frankfurt",), "test": ("berlin",)}
+CITYSCAPES_CITIES = {"train": ("aachen", "bochum"), "val": ("frankfurt",), "test": ("berlin",)}  # disjoint, as real
 CITYSCAPES_SIZE = (512, 1024)  # half the real 1024 x 2048, so that a tree writes about as fast as a KITTI one
 DEMO_SIZE = (188, 620)  # main.py --demo: half KITTI's frame, 4x fewer pixels to learn from and to validate on
 _ID = {label.name: label.id for label in LABELS if label.id >= 0}
@@ -131,8 +130,7 @@ def write_synthetic_kitti(root: str | Path, num_train: int, num_test: int = 0, s
     """Write ``num_train`` labelled and ``num_test`` unlabelled scenes in the KITTI layout under ``root``, which
     must be new or empty."""
     root = refuse_non_empty(Path(root))
-    dirs = {d: root / d for d in ("training/image_2", "training/semantic", "training/semantic_rgb",
-                                  "testing/image_2")}
+    dirs = {d: root / d for d in ("training/image_2", "training/semantic", "training/semantic_rgb", "testing/image_2")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     for i in range(num_train):
@@ -157,11 +155,9 @@ def write_synthetic_cityscapes(root: str | Path, num_train: int, num_val: int = 
         gtFine/<split>/<city>/<city>_<seq>_000019_gtFine_instanceIds.png  (16-bit; every region a crowd region,
                                                                           as the scenes draw no instances)
 
-    The instanceIds files are there because the official evaluation script reads them (for iIoU).
-
-    ``size`` defaults to ``CITYSCAPES_SIZE``, half the real frame.
-    Every scene of a tree is distinct: scene ``index`` counts on across train, val and test. ``root`` must be new
-    or empty.
+    The instanceIds files are there because the official evaluation script reads them (for iIoU). ``size``
+    defaults to ``CITYSCAPES_SIZE``. Every scene of a tree is distinct: scene ``index`` counts on across train, val
+    and test. ``root`` must be new or empty.
     """
     root = refuse_non_empty(Path(root))
     first = 0

@@ -36,13 +36,10 @@ class Case:
         self.y = torch.randint(0, 19, (batch, *size), device=device)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=1e-4, momentum=0.9) if train else None
 
-    def output(self):
-        out = self.net(self.x)
-        return out[-1] if self.trunk_only else (out["out"] if isinstance(out, dict) else out)
-
     def __call__(self):
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp), torch.set_grad_enabled(self.train):
-            out = self.output()
+            out = self.net(self.x)  # the trunk: its three feature maps; torchvision's FCN: a dict
+            out = out[-1] if self.trunk_only else (out["out"] if isinstance(out, dict) else out)
             if not self.train:
                 return
             loss = out.float().mean() if self.trunk_only else F.cross_entropy(out.float(), self.y)
