@@ -6,10 +6,9 @@ Datasets return ``uint8`` tensors: images (3, H, W) in RGB order, labels (H, W) 
 chosen label set with 255 = ignore. Normalisation happens on the device (``normalize``), so a batch
 crosses the bus as bytes, not floats.
 
-Command line: ``--make-synthetic DIR --num N [--layout cityscapes]`` writes a synthetic tree, ``--download
-ROOT`` fetches KITTI, ``--check ROOT [--layout cityscapes] [--label-set TABLE]`` reads every file of a tree and
-reports its problems, ``--colour-labels COLOURS LABELS --label-set TABLE`` turns colour label images into label
-PNGs.
+Command line: ``--make-synthetic DIR --num N [--layout cityscapes]`` writes a synthetic tree, ``--download ROOT``
+fetches KITTI, ``--check ROOT [--layout cityscapes] [--label-set TABLE]`` reads every file of a tree and reports its
+problems, ``--colour-labels COLOURS LABELS --label-set TABLE`` turns colour label images into label PNGs.
 
 KITTI publishes no checksum for its archive, so ``download_kitti`` checks it twice: every member's CRC-32 inside
 the zip (a truncated download has no central directory and fails to open), then the file counts of the
@@ -57,8 +56,7 @@ def read_image(path: Path) -> np.ndarray:
     return np.ascontiguousarray(image[..., ::-1])
 
 
-def read_label(path: Path, label_set: LabelSet, hint: str = "use training/semantic, not training/semantic_rgb",
-               ) -> np.ndarray:
+def read_label(path: Path, label_set: LabelSet, hint: str) -> np.ndarray:
     """(H, W) uint8 label values, read unchanged (never converted from colour) and checked against
     ``label_set``'s table. ``hint`` names the right files of the layout when a colour or 16-bit (instance id) PNG
     is offered instead."""
@@ -120,14 +118,12 @@ def cache_budget_gb(cache: bool | float) -> float:
 
 
 class SegmentationDataset(Dataset):
-    """Labelled images of ``dataset`` as ``(uint8 image (3, H, W), uint8 label (H, W))``, labels in
-    ``label_set`` classes.
+    """Labelled images of ``dataset`` as ``(uint8 image (3, H, W), uint8 label (H, W))``, labels in ``label_set``
+    classes, ``transform`` (e.g. ``train_augmentation``) applied to both (``__getitem__``).
 
-    ``transform(image, label, generator)`` (e.g. ``train_augmentation``) is applied jointly; an index may come
-    as ``(index, seed)`` from ``SeededTrainSampler`` to make the augmentation reproducible. ``cache`` is a memory budget
-    (``cache_budget_gb``): when the decoded files fit it (``decoded_gb``, estimated from the PNG headers),
-    every file is decoded once, up front, in the constructing process, and DataLoader workers share the
-    arrays; otherwise the workers decode on every access. ``cached`` says which happened.
+    ``cache`` is a memory budget (``cache_budget_gb``): when the decoded files fit it (``decoded_gb``, estimated
+    from the PNG headers), every file is decoded once, up front, in the constructing process, and DataLoader
+    workers share the arrays; otherwise the workers decode on every access. ``cached`` says which happened.
     """
 
     def __init__(self, dataset: str, root: str | Path, names: list[str], label_set: LabelSet | str = "train",

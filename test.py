@@ -188,21 +188,18 @@ def predict_images(args, model, dataset: ImageList, device, amp_dtype, writer) -
             "precision": runtime.precision_name(amp_dtype)}
 
 
-def is_video(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES
-
-
 class VideoFrames:
-    """The frames of a video file as ``uint8 (3, H, W)`` RGB tensors, and its frame rate."""
+    """The frames of a video file as ``uint8 (3, H, W)`` RGB tensors, its frame rate and its (width, height)."""
 
     def __init__(self, path: Path):
         self.path = path
         capture = cv2.VideoCapture(str(path))
-        readable = capture.isOpened() and capture.read()[0]
+        readable, first = capture.read() if capture.isOpened() else (False, None)
         self.fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
         capture.release()
         if not readable:
             raise UserError(f"{path}: cannot be decoded as a video; check the file, or convert it to MP4 (H.264)")
+        self.size = first.shape[1], first.shape[0]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         capture = cv2.VideoCapture(str(self.path))
@@ -216,39 +213,24 @@ class VideoFrames:
             capture.release()
 
 
-class VideoWriter:
-    """Writes RGB frames to an MP4 file (OpenCV's mp4v codec, which every OpenCV build has)."""
-
-    def __init__(self, path: Path, fps: float):
-        self.path, self.fps, self.writer = path, fps, None
-
-    def write(self, rgb: np.ndarray) -> None:
-        if self.writer is None:
-            height, width = rgb.shape[:2]
-            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (width, height))
-            if not self.writer.isOpened():
-                raise UserError(f"{self.path}: cannot be written as an MP4 video; pass another --out")
-        self.writer.write(np.ascontiguousarray(rgb[..., ::-1]))
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.release()
-
-
 @torch.no_grad()
 def predict_video(frames: VideoFrames, path: Path, args, model, label_set: LabelSet, device, amp_dtype) -> dict:
-    """An overlay video (the frame blended with its colour-coded prediction) at the input's frame rate."""
-    video = VideoWriter(path, frames.fps)
+    """An overlay video (the frame blended with its colour-coded prediction) at the input's frame rate, written
+    with OpenCV's mp4v codec, which every OpenCV build has."""
+    video = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), frames.fps, frames.size)
+    if not video.isOpened():
+        raise UserError(f"{path}: cannot be written as an MP4 video; pass another --out")
     count, start = 0, time.perf_counter()
     try:
         for frame in frames:
             prediction = class_map(predict(model, frame[None], device, amp_dtype, flip=args.flip,
                                            scales=tuple(args.scales)))
             color = colorize(prediction[0].to(torch.uint8).cpu().numpy(), label_set)
-            video.write(((frame.permute(1, 2, 0).numpy().astype(np.uint16) + color) // 2).astype(np.uint8))
+            overlay = (frame.permute(1, 2, 0).numpy().astype(np.uint16) + color) // 2
+            video.write(np.ascontiguousarray(overlay.astype(np.uint8)[..., ::-1]))  # OpenCV writes BGR
             count += 1
     finally:
-        video.close()
+        video.release()
     return {"num_images": count, "images_per_second": count / (time.perf_counter() - start),
             "precision": runtime.precision_name(amp_dtype), "video": str(args.out / path.name)}
 
@@ -300,7 +282,7 @@ def run(args: argparse.Namespace) -> dict:
     check_writable(args.out)
     # every input at the run's precision (autocast on CUDA unless it trained with --no-amp), as its validation was
     amp_dtype = runtime.amp_dtype_for(device, config.get("amp", True))
-    if args.images is not None and is_video(args.images):
+    if args.images is not None and args.images.is_file() and args.images.suffix.lower() in VIDEO_SUFFIXES:
         frames = VideoFrames(args.images)
         with staged(args.out) as staging:
             return predict_video(frames, staging / f"{args.images.stem}_overlay.mp4", args, model, label_set, device,

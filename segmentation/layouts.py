@@ -1,7 +1,7 @@
 """Where each dataset's files are, and which images form its splits. One small reader ("layout") per on-disk
 layout, chosen in one place (``get_layout``) from a dataset name; data_preprocessing.py reads the files.
-``list_images`` lists a plain folder of images (test.py --images). Label
-ids are Cityscapes ids in both datasets, so ``labels.py`` stays the only table::
+``list_images`` lists a plain folder of images (test.py --images). Label ids are Cityscapes ids in both
+datasets, so ``labels.py`` stays the only table::
 
     kitti        ROOT/training/image_2/000000_10.png     RGB images
                  ROOT/training/semantic/000000_10.png    single-channel label ids (0..33)
@@ -11,19 +11,11 @@ ids are Cityscapes ids in both datasets, so ``labels.py`` stays the only table::
 
 Image names are KITTI's file stems (``000000_10``) and Cityscapes' ``<city>/<city>_<seq>_<frame>``.
 Splits are FIXED, independent of main.py's ``--seed``, so that runs with different seeds are compared on
-the same validation images. Where they come from, first found first:
-
-1. ``--split-dir D``: ``D/train.txt`` and ``D/val.txt`` (and ``D/<split>.txt`` for test.py --split);
-2. the data root's own split files, ``ROOT/splits/{train,val}.txt`` (as scripts/prepare_camvid.py writes them,
-   with ``test.txt``): a dataset that ships its split is trained on that split with no flag;
-3. the layout's default: KITTI has no official validation set and gets one fixed 80/20 split (``default_split``,
-   200 images -> 160/40), Cityscapes keeps its official train/val folders.
-
-Names listed in ``ROOT/splits/test.txt`` are held out of 2 and 3 (and of ``trainval``): a test image enters
-training only where a split file the user gives names it.
+the same validation images; ``resolve_split`` says where they come from.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from pathlib import Path
@@ -221,20 +213,22 @@ def resolve_split(dataset: str, root: Path, wanted: tuple[str, ...], given: Path
     1. ``given`` (--split-dir): its <split>.txt files, which must be there;
     2. ``found``, in order (a resumed run: its own folder; test.py: the run folder, then the run's --split-dir):
        the first folder that holds every wanted file;
-    3. the data root's own ``ROOT/splits`` folder, if it holds every wanted file;
-    4. the dataset's fixed split (KITTI's 80/20 of the labelled images, Cityscapes' official folders), less the
-       names of ``ROOT/splits/test.txt``, which it never trains or validates on; its test split has no labels.
+    3. the data root's own ``ROOT/splits`` folder, if it holds every wanted file (as scripts/prepare_camvid.py
+       writes it): a dataset that ships its split is trained on that split with no flag;
+    4. the dataset's fixed split (KITTI's 80/20 of the labelled images, ``default_split``; Cityscapes' official
+       folders), less the names of ``ROOT/splits/test.txt``: a test image enters training only where a split
+       file the user gives names it. Its test split has no labels.
 
     A folder's files (test.txt included) are read against one listing of the labelled images: each name a
     labelled image, listed once, and in one file only."""
     files = sorted({name for split in wanted for name in (("train", "val") if split == "trainval" else (split,))})
     own, root = Path(root) / ROOT_SPLITS, Path(root)
     if given is not None:
-        missing = next((Path(given) / f"{name}.txt" for name in files if not (Path(given) / f"{name}.txt").is_file()),
-                       None)
-        if missing:
-            raise UserError(f"{missing} is missing: a split folder needs train.txt and val.txt, one image name a line")
         folder, source = Path(given), f"split from {given}"
+        missing = [folder / f"{name}.txt" for name in files if not (folder / f"{name}.txt").is_file()]
+        if missing:
+            raise UserError(f"{missing[0]} is missing: a split folder needs train.txt and val.txt, one image name a "
+                            "line")
     else:
         folder = next((Path(f) for f in (*found, own) if f and all((Path(f) / f"{n}.txt").is_file() for n in files)),
                       None)
@@ -257,13 +251,11 @@ def resolve_split(dataset: str, root: Path, wanted: tuple[str, ...], given: Path
 def check_disjoint(split: dict[str, list[str]], folder: Path) -> None:
     """Refuse a name in two of a folder's split files: validation would score training images, or a test image
     would be trained on."""
-    names = sorted(split)
-    for index, first in enumerate(names):
-        for second in names[index + 1:]:
-            shared = sorted(set(split[first]) & set(split[second]))
-            if shared:
-                raise UserError(f"{folder}: {', '.join(shared[:5])} in both {first}.txt and {second}.txt; keep each "
-                                "name in one file")
+    for first, second in itertools.combinations(sorted(split), 2):
+        shared = sorted(set(split[first]) & set(split[second]))
+        if shared:
+            raise UserError(f"{folder}: {', '.join(shared[:5])} in both {first}.txt and {second}.txt; keep each "
+                            "name in one file")
 
 
 def read_names(path: Path) -> list[str]:

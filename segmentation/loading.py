@@ -55,8 +55,7 @@ class SeededTrainSampler(Sampler):
     """
 
     def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1, plan: list | None = None):
-        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
-        self.plan = plan
+        self.num_samples, self.seed, self.rank, self.world_size, self.plan = num_samples, seed, rank, world_size, plan
         self.per_rank = -(-num_samples // world_size)
         self.epoch, self.skip = 0, 0
 
@@ -80,10 +79,9 @@ class SeededTrainSampler(Sampler):
 class ShapeBatchSampler(Sampler):
     """Evaluation batches of same-sized images, split across DDP ranks without padding.
 
-    Full-size validation images cannot be stacked unless they share a size; KITTI has a handful of sizes,
-    so grouping by size lets validation run batches instead of one image at a time. Batches hold at most
-    ``batch_size`` images and ``max_pixels`` pixels; rank r takes batches r, r+W, r+2W, ..., so every image
-    is scored exactly once over all ranks.
+    Full-size validation images cannot be stacked unless they share a size; KITTI has a handful of sizes, so grouping by
+    size lets validation run batches instead of one image at a time. Batches hold at most ``batch_size`` images and
+    ``max_pixels`` pixels; rank r takes batches r, r+W, r+2W, ..., so every image is scored exactly once over all ranks.
     """
 
     def __init__(self, sizes: list[tuple[int, int]], batch_size: int, rank: int = 0, world_size: int = 1,
@@ -224,20 +222,19 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
     # batches help a GPU; on the CPU one full-size image at a time measured faster (docs/results.md)
     val_batches = ShapeBatchSampler(sizes, args.batch_size if ctx.device.type == "cuda" else 1, ctx.rank,
                                     ctx.world_size)
-    # each loader draws its worker seeds from its own generator: drawing them from the global one would move the
-    # state that checkpoints save, and an iterator started before a checkpoint (StartedEpoch) would then differ
     workers = runtime.worker_count(args.workers, ctx.world_size)
     common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
                   multiprocessing_context=WORKER_START if workers > 0 else None)
-    train_loader = runtime.StopSafeLoader(train_set, batch_sampler=BatchSampler(sampler, args.batch_size,
-                                                                                drop_last=True),
+    # each loader draws its worker seeds from its own generator: drawing them from the global one would move the
+    # state that checkpoints save, and an iterator started before a checkpoint (StartedEpoch) would then differ
+    train_batches = BatchSampler(sampler, args.batch_size, drop_last=True)
+    train_loader = runtime.StopSafeLoader(train_set, batch_sampler=train_batches,
                                           generator=loader_generator(args, ctx, 0), **common)
     val_loader = runtime.StopSafeLoader(val_set, batch_sampler=val_batches, generator=loader_generator(args, ctx, 1),
                                         **common) if len(val_set) else None  # none: a final fit, no selection
     summary = (f"{args.dataset} layout: {len(train_set)} train / {len(val_set)} val images ({source}), crop "
                f"{crop[0]}x{crop[1]}{stages_text(args.stages)}, {workers} loader workers; "
-               f"{describe_cache(train_set, 'train')}, "
-               f"{describe_cache(val_set, 'val')}")
+               f"{describe_cache(train_set, 'train')}, {describe_cache(val_set, 'val')}")
     if not len(val_set):
         summary += ("\nno validation images (an empty val.txt): a final fit, which trains its whole schedule and keeps "
                     "the last epoch as best.pt")

@@ -4,7 +4,7 @@ runs as world size 1), the loader worker count, mixed precision, and Ctrl-C / SI
 Stopping. Raising ``KeyboardInterrupt`` wherever the main process happens to be can land inside an optimizer
 step, between the update of one tensor and the next: the saved state would then match no step at all. Instead
 the first signal only sets a flag that the training loop reads between steps; a later one aborts at once.
-Under DDP the ranks agree on the flag (an all-reduce at log boundaries), so they all stop at the same step.
+Under DDP the ranks agree on the flag (``StopRequest.agreed``), so they all stop at the same step.
 
 Launchers send a stop to a whole process group (a terminal's Ctrl-C, ``timeout``, SLURM, systemd) and torchrun
 passes its own on to each rank, so a process may get the same request twice in a moment, and its DataLoader
@@ -67,24 +67,14 @@ def pick_device(name: str) -> torch.device:
 def setup(device_name: str) -> Context:
     """Join the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPUs)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Context(0, 1, pick_device(device_name))
-    local_rank = int(os.environ["LOCAL_RANK"])
     device = pick_device(device_name)
+    if world_size == 1:
+        return Context(0, 1, device)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Context(dist.get_rank(), world_size, device)
-
-
-def broadcast_object(value: object) -> object:
-    """Rank 0's ``value`` on every rank (itself under a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:
@@ -105,10 +95,12 @@ def on_main_rank(ctx: Context, make: Callable[[], T], share: bool = True) -> T |
             outcome = make()
         except UserError as error:
             outcome = error
-    shared = broadcast_object(outcome if share or isinstance(outcome, UserError) else None)
-    if isinstance(shared, UserError):
-        raise shared
-    return outcome if ctx.is_main else shared
+    shared = [outcome if share or isinstance(outcome, UserError) else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(shared, src=0)  # now rank 0's on every rank
+    if isinstance(shared[0], UserError):
+        raise shared[0]
+    return outcome if ctx.is_main else shared[0]
 
 
 def cleanup(after_failure: bool = False) -> None:
@@ -138,15 +130,11 @@ def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 @contextmanager
 def interrupts_end_in_one_line(what_is_kept: str):
     """Within it SIGTERM interrupts as Ctrl-C does; either ends the command with one line on stderr saying
     ``what_is_kept``, and status 130 (128 + SIGINT, what shells report for Ctrl-C), never a traceback."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
         yield
     except KeyboardInterrupt:
@@ -166,11 +154,9 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 class StopSafeLoader(DataLoader):
-    """A DataLoader whose workers leave Ctrl-C and SIGTERM to the main process: they are forked with both signals
-    blocked and ignore them from their ``worker_init_fn`` on (``ignore_stop_signals``), which drops any that
-    arrived in between; the main process gets its own once the workers are started. A worker killed by a group
-    signal would otherwise end the training process with "DataLoader worker ... killed by signal" before it
-    could save.
+    """A DataLoader whose workers leave Ctrl-C and SIGTERM to the main process (``ignore_stop_signals``, and
+    ``__iter__`` below): a worker killed by a group signal would otherwise end the training process with
+    "DataLoader worker ... killed by signal" before it could save.
 
     A worker that ignores SIGTERM would outlive the two places that end a worker by force, both of which send
     SIGTERM and then join it, forever: the loader's shutdown when a worker does not finish in time (so this

@@ -1,10 +1,6 @@
-"""main.py's settings, each declared once: its constant in main.py's block, and its row in ``SETTINGS`` (what it
-accepts, its flag's help, whether --resume may change it). main.py makes the flags from the rows.
-
-The block and the flags that override it both end in one namespace; ``check_args`` takes each value in the forms
-the block's comments promise and names a wrong one in one line. A resumed run takes its settings from its
-checkpoint, and only where it runs (``resumable`` rows, ``RESUMABLE_FLAGS``) may change.
-"""
+"""main.py's settings, each declared once: its constant in main.py's block, and its row in ``SETTINGS``, from
+which follow its flag (``add_flags``), its one-line check (``check_args``) and whether --resume may change it
+(``args_from_checkpoint``: a resumed run takes its settings from its checkpoint)."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +20,7 @@ BEFORE_IT_EXISTED = {"stages": ()}
 SINCE_REMOVED = {"aux_loss": (0, 0.0, None), "photometric": ("mild",)}
 
 
-def readable(kind: type) -> Callable[[str], object]:
+def readable(kind: Callable[[str], object]) -> Callable[[str], object]:
     """A flag's type that keeps text it cannot read as ``kind``: ``check_args`` then names the value in one line,
     as it does for the block's constants (argparse would print its usage instead)."""
     def convert(text: str) -> object:
@@ -35,21 +31,15 @@ def readable(kind: type) -> Callable[[str], object]:
     return convert
 
 
-def stage_pair(text: str) -> tuple[float, int] | str:
-    """--stages' ``SCALE:EPOCHS`` (e.g. ``0.5:30``) as ``(0.5, 30)``; text it cannot read is kept for
-    ``check_args`` to name."""
+def stage_pair(text: str) -> tuple[float, int]:
+    """--stages' ``SCALE:EPOCHS`` (e.g. ``0.5:30``) as ``(0.5, 30)``."""
     scale, _, epochs = text.partition(":")
-    try:
-        return float(scale), int(epochs)
-    except ValueError:
-        return text
+    return float(scale), int(epochs)
 
 
 def stage_valid(pair: object) -> bool:
     return isinstance(pair, (tuple, list)) and len(pair) == 2 and real(pair[0]) and 0 < pair[0] < 1 and \
         whole(pair[1], 1)
-
-
 
 
 def whole(value: object, low: int) -> bool:
@@ -75,35 +65,30 @@ class Setting(NamedTuple):
     resumable: bool = False
 
 
-PIXELS = {"type": readable(int)}
+INTEGER, NUMBER = {"type": readable(int)}, {"type": readable(float)}
 SWITCH = {"action": argparse.BooleanOptionalAction}
 SETTINGS = {
     "arch": Setting(lambda v: v in ARCHS, " | ".join(ARCHS), " | ".join(ARCHS)),
     "dataset": Setting(lambda v: v in LAYOUTS, " | ".join(LAYOUTS), f"{' | '.join(LAYOUTS)} (the folder layout)"),
     "epochs": Setting(lambda v: whole(v, 1), "a whole number, at least 1", "passes over the training split, all "
-                      "stages together", {"type": readable(int)}),
+                      "stages together", INTEGER),
     "stages": Setting(lambda v: isinstance(v, (tuple, list)) and all(stage_valid(pair) for pair in v),
                       "() or (scale, epochs) pairs, each scale in (0, 1), e.g. ((0.5, 30),) (--stages 0.5:30)",
                       "resolution stages before the full-scale epochs, e.g. --stages 0.5:30; none: --stages",
-                      {"type": stage_pair, "nargs": "*", "metavar": "SCALE:EPOCHS"}),
-    "batch_size": Setting(lambda v: whole(v, 1), "a whole number, at least 1", "images per step and process",
-                          {"type": readable(int)}),
+                      {"type": readable(stage_pair), "nargs": "*", "metavar": "SCALE:EPOCHS"}),
+    "batch_size": Setting(lambda v: whole(v, 1), "a whole number, at least 1", "images per step and process", INTEGER),
     "crop_size": Setting(lambda v: v is None or (len(v) == 2 and all(whole(x, 32) and x <= MAX_SIDE for x in v)),
                          f"None, H or (H, W): whole numbers of pixels, each 32 to {MAX_SIDE}",
-                         "training crop (None: the dataset's)", {**PIXELS, "nargs": "+", "metavar": "H [W]"}),
+                         "training crop (None: the dataset's)", {**INTEGER, "nargs": "+", "metavar": "H [W]"}),
     "base_size": Setting(lambda v: v is None or (whole(v, 32) and v <= MAX_SIDE),
                          f"None or a whole number of pixels, 32 to {MAX_SIDE}", "scaling reference (None: the "
-                         "dataset's)", PIXELS),
-    "lr": Setting(lambda v: real(v) and v > 0, "a positive learning rate, e.g. 0.01", "peak SGD learning rate",
-                  {"type": readable(float)}),
-    "momentum": Setting(lambda v: real(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.9", "SGD momentum",
-                        {"type": readable(float)}),
-    "weight_decay": Setting(lambda v: real(v) and v >= 0, "0 or more, e.g. 1e-4", "L2 on convolution weights",
-                            {"type": readable(float)}),
+                         "dataset's)", INTEGER),
+    "lr": Setting(lambda v: real(v) and v > 0, "a positive learning rate, e.g. 0.01", "peak SGD learning rate", NUMBER),
+    "momentum": Setting(lambda v: real(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.9", "SGD momentum", NUMBER),
+    "weight_decay": Setting(lambda v: real(v) and v >= 0, "0 or more, e.g. 1e-4", "L2 on convolution weights", NUMBER),
     "warmup_epochs": Setting(lambda v: real(v) and v >= 0, "0 or more epochs, e.g. 1", "linear warm-up (per stage)",
-                             {"type": readable(float)}),
-    "poly_power": Setting(lambda v: real(v) and v >= 0, "0 or more, e.g. 0.9", "poly decay exponent",
-                          {"type": readable(float)}),
+                             NUMBER),
+    "poly_power": Setting(lambda v: real(v) and v >= 0, "0 or more, e.g. 0.9", "poly decay exponent", NUMBER),
     "label_set": Setting(lambda v: isinstance(v, (str, Path)) and bool(str(v).strip()),  # a table: by its content
                          "train | full | a class table file, e.g. \"data/camvid/camvid.csv\"",
                          "train | full (Cityscapes ids) | a class table file: value,name,r,g,b[,void]"),
@@ -114,19 +99,19 @@ SETTINGS = {
     "out": Setting(lambda v: v is None or isinstance(v, Path), "None or a folder, e.g. \"runs/fcn16-a\"",
                    "run folder (None: runs/<arch>-<time>)", {"type": Path}),
     "seed": Setting(lambda v: whole(v, 0), "a whole number, 0 or more", "order, augmentation and initialisation",
-                    {"type": readable(int)}),
+                    INTEGER),
     "amp": Setting(boolean, "True or False", "CUDA: bf16/fp16 autocast; --no-amp: float32", SWITCH),
     "deterministic": Setting(boolean, "True or False", "deterministic kernels only (no cuDNN autotuning), so that a "
                              "resumed CUDA run ends bit-identical to an uninterrupted one; slower. CPU runs are "
                              "bit-exact without it", SWITCH, resumable=True),
     "workers": Setting(lambda v: v == "auto" or whole(v, 0), "auto or a whole number, 0 or more",
-                       "DataLoader processes per training process, or auto", {"type": readable(int)}, resumable=True),
+                       "DataLoader processes per training process, or auto", INTEGER, resumable=True),
     "pretrained": Setting(boolean, "True or False", "ImageNet trunk, or (--no-pretrained) random weights", SWITCH),
     "cache_gb": Setting(lambda v: v is None or (real(v) and v >= 0), "None, 0 (off) or a size in GB",
                         "memory budget of the decoded-image cache (None: half the available memory)",
-                        {"type": readable(float)}, resumable=True),
+                        NUMBER, resumable=True),
     "log_every": Setting(lambda v: whole(v, 1), "a whole number, at least 1", "steps between loss read-backs",
-                         {"type": readable(int)}, resumable=True),
+                         INTEGER, resumable=True),
 }
 RESUMABLE_FLAGS = {"resume", "device"} | {name for name, setting in SETTINGS.items() if setting.resumable}
 
