@@ -73,13 +73,16 @@ def resume_hint(run_dir: Path) -> str:
 
 
 def republish_best(run_dir: Path, state: dict) -> None:
-    """On resume: best.pt is published right after last.pt is written, so a run killed between the two left
-    best.pt an epoch behind when that last epoch was its best; publish it again from last.pt. Only full-scale
-    epochs with a score compete (a reduced resolution stage scores at its own scale; a final fit scores none)."""
+    """On resume (and on a refused resume of a finished run): best.pt is published right after last.pt is written,
+    so a run killed between the two left best.pt an epoch behind, or none, when that last epoch was its best;
+    publish it again from last.pt. The best epoch is the best-scoring full-scale one (a reduced resolution stage
+    scores at its own scale), or a final fit's last (an empty val.txt in the run folder: it scores none)."""
+    val_names = run_dir / "val.txt"
     scored = [row for row in state["history"] if row.get("scale", 1) == 1 and not math.isnan(row["val_mIoU"])]
+    best_epoch = state["config"]["epochs"] if val_names.is_file() and not val_names.read_text().strip() else \
+        max(scored, key=lambda row: row["val_mIoU"])["epoch"] if scored else None
     best = run_dir / "best.pt"
-    if scored and max(scored, key=lambda row: row["val_mIoU"])["epoch"] == state["epoch"] and \
-            (not best.is_file() or load_checkpoint(best)["epoch"] != state["epoch"]):
+    if best_epoch == state["epoch"] and (not best.is_file() or load_checkpoint(best)["epoch"] != best_epoch):
         publish_copy(run_dir / "last.pt", best)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 from model import ARCHS
 from segmentation import MAX_SIDE, UserError, quoted
-from segmentation.checkpoint import load_checkpoint, require_training_state
+from segmentation.checkpoint import load_checkpoint, republish_best, require_training_state
 from segmentation.layouts import LAYOUTS
 from segmentation.loading import WEIGHTINGS
 
@@ -187,6 +188,8 @@ def load_resume_state(args: argparse.Namespace,
     args = args_from_checkpoint(state, args, defaults)
     check_args(args)
     if state["epoch"] >= args.epochs:
+        if int(os.environ.get("RANK", "0")) == 0:  # killed after its last last.pt: best.pt may be behind
+            republish_best(args.resume.parent, state)
         raise UserError(f"{args.resume}: the run already finished its {args.epochs} epochs; evaluate it with "
                         f"python test.py --checkpoint {quoted(args.resume.parent / 'best.pt')}, or train on with a "
                         f"new run: --init-from {quoted(args.resume)} --epochs N")

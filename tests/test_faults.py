@@ -305,3 +305,20 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_resume_ends_as_a
     assert load_checkpoint(run / "best.pt")["epoch"] == 1 + scores.index(max(scores))
     for key, value in weights(tmp_path / "straight" / "last.pt").items():
         assert torch.equal(resumed["model"][key], value), key
+
+
+@pytest.mark.parametrize("final_fit", [False, True])
+def test_a_run_killed_between_last_pt_and_best_pt_publishes_best_pt_on_resume(synthetic_root, tmp_path, final_fit):
+    """best.pt follows last.pt: a SIGKILL between the two, after the run's last epoch, leaves best.pt an epoch
+    behind (a validated run whose last epoch was its best) or missing (a final fit, whose best is its last).
+    --resume refuses the finished run in one line, pointing to best.pt, which it has published."""
+    from segmentation.layouts import resolve_split, write_split
+    split = resolve_split("kitti", synthetic_root, ("train", "val")).names
+    write_split({"train": split["train"], "val": [] if final_fit else split["val"]}, tmp_path / "split")
+    run = tmp_path / "run"
+    argv = train_argv(synthetic_root, run, "--arch", "fcn32", "--epochs", "1", "--split-dir", str(tmp_path / "split"))
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_probe.py"), *argv], cwd=tmp_path,
+                            capture_output=True, env={**os.environ, "KILL_AFTER_SAVE": "1"}, timeout=300)
+    assert killed.returncode == -signal.SIGKILL and not (run / "best.pt").exists(), killed.stderr[-2000:]
+    assert "already finished its 1 epochs" in one_line_error(main.main, ["--resume", str(run / "last.pt")])
+    assert load_checkpoint(run / "best.pt")["epoch"] == 1
