@@ -25,6 +25,7 @@ from model import build_model, count_parameters
 from segmentation import UserError, os_error_line, quoted, runtime
 from segmentation.checkpoint import (
     CheckpointWriter,
+    best_epoch,
     initialise_from,
     label_set_of,
     non_finite,
@@ -222,11 +223,10 @@ def train(args: argparse.Namespace) -> Path:
                         scale: float) -> None:
         """Rank 0: last.pt, and best.pt for the best full-scale epoch (a final fit's: its last), then the records."""
         nonlocal best_miou
-        miou = report["benchmark_mIoU"] if report else math.nan
-        is_best = scale == 1 and (miou > best_miou if data.val_loader else epoch + 1 == args.epochs)
-        best_miou = miou if is_best else best_miou
         history.append(epoch_record(epoch + 1, epoch_lr(scheduler, epoch, steps_per_epoch), trained, val_loss,
                                     report, seconds, ctx.device, scale))
+        is_best = best_epoch(history, args.epochs, final_fit=data.val_loader is None) == epoch + 1
+        best_miou = history[-1]["val_mIoU"] if is_best else best_miou
         checkpoints.submit(snapshot(epoch + 1), run_dir / "last.pt", run_dir / "best.pt" if is_best else None)
         history_writer.write(history, final=epoch + 1 == args.epochs)
         tensorboard.epoch(history[-1])

@@ -72,17 +72,23 @@ def resume_hint(run_dir: Path) -> str:
     return f"; then continue with: python main.py --resume {quoted(last)}" if last.is_file() else "; then run again"
 
 
+def best_epoch(history: list[dict], epochs: int, final_fit: bool) -> int | None:
+    """The epoch best.pt holds, from a run's history: the first best-scoring full-scale epoch (a reduced
+    resolution stage scores at its own scale), or a final fit's last (it scores none); None before any."""
+    if final_fit:
+        return epochs
+    scored = [row for row in history if row.get("scale", 1) == 1 and not math.isnan(row["val_mIoU"])]
+    return max(scored, key=lambda row: row["val_mIoU"])["epoch"] if scored else None
+
+
 def republish_best(run_dir: Path, state: dict) -> None:
     """On resume (and on a refused resume of a finished run): best.pt is published right after last.pt is written,
     so a run killed between the two left best.pt an epoch behind, or none, when that last epoch was its best;
-    publish it again from last.pt. The best epoch is the best-scoring full-scale one (a reduced resolution stage
-    scores at its own scale), or a final fit's last (an empty val.txt in the run folder: it scores none)."""
+    publish it again from last.pt. A final fit is known by the empty val.txt in its run folder."""
     val_names = run_dir / "val.txt"
-    scored = [row for row in state["history"] if row.get("scale", 1) == 1 and not math.isnan(row["val_mIoU"])]
-    best_epoch = state["config"]["epochs"] if val_names.is_file() and not val_names.read_text().strip() else \
-        max(scored, key=lambda row: row["val_mIoU"])["epoch"] if scored else None
-    best = run_dir / "best.pt"
-    if best_epoch == state["epoch"] and (not best.is_file() or load_checkpoint(best)["epoch"] != best_epoch):
+    final_fit = val_names.is_file() and not val_names.read_text().strip()
+    best, epoch = run_dir / "best.pt", best_epoch(state["history"], state["config"]["epochs"], final_fit)
+    if epoch == state["epoch"] and (not best.is_file() or load_checkpoint(best)["epoch"] != epoch):
         publish_copy(run_dir / "last.pt", best)
 
 
