@@ -129,9 +129,10 @@ def train(args: argparse.Namespace) -> Path:
         download_kitti(args.data_root)
     run_dir = runtime.on_main_rank(ctx, lambda: plan_run_dir(args.out, args.arch, args.resume if state else None))
 
-    # 1. data: the classes (a resumed run's own table), the split, the loaders, the loss's class weights
+    # 1. data: the classes (a resumed run's own table), the resolution stages, the split, the loaders, the class weights
     label_set = label_set_of(state) if state else get_label_set(args.label_set)
-    data = make_loaders(args, ctx, run_dir, label_set, state)
+    plan = stage_plan(args.stages, args.epochs)
+    data = make_loaders(args, ctx, run_dir, label_set, plan, state)
     class_weights = None if data.class_weights is None else data.class_weights.to(ctx.device)
 
     # 2. model
@@ -141,7 +142,7 @@ def train(args: argparse.Namespace) -> Path:
 
     # 3. optimiser, schedule, mixed precision, and the training step they make
     steps_per_epoch = len(data.train_loader)  # a whole epoch's: a mid-epoch resume shortens the loader's length later
-    optimizer, scheduler = make_optimizer(model, args, steps_per_epoch)
+    optimizer, scheduler = make_optimizer(model, args, plan, steps_per_epoch)
     amp_dtype = runtime.amp_dtype_for(ctx.device, args.amp)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
 
@@ -187,8 +188,7 @@ def train(args: argparse.Namespace) -> Path:
     # 5. epochs: train -> validate -> keep (last.pt, best.pt) -> record, each a helper below
     checkpoints, history_writer, stopped = CheckpointWriter(), HistoryWriter(run_dir, label_set.class_names), None
     tensorboard = TensorBoardLog(run_dir, label_set, start_epoch)  # where the tensorboard package is installed
-    plan, batches = stage_plan(args.stages, args.epochs), StartedEpoch(data.train_loader, data.sampler, start_epoch,
-                                                                        skip=progress.step * args.batch_size)
+    batches = StartedEpoch(data.train_loader, data.sampler, start_epoch, skip=progress.step * args.batch_size)
 
     def validate(epoch: int, stage: Stage) -> tuple[dict | None, float, float]:
         """The validation report (None for a final fit without val images, an epoch a reduced stage does not score,

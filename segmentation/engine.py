@@ -288,11 +288,11 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, steps_per_epoch: int):
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, plan: list[Stage], steps_per_epoch: int):
     """SGD with momentum, and one LambdaLR stepped every iteration: its whole state is the step count, so a
-    resume restores the schedule exactly on any torch version (SequentialLR's restore has varied)."""
+    resume restores the schedule exactly on any torch version (SequentialLR's restore has varied). Each stage of
+    ``plan`` warms up and decays on its own."""
     optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
-    plan = stage_plan(args.stages, args.epochs)
 
     def multiplier(step: int) -> float:
         stage = stage_of(plan, step // steps_per_epoch)

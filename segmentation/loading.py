@@ -32,7 +32,7 @@ from data_preprocessing import SegmentationDataset, default_cache_gb, image_size
 from labels import LabelSet
 from segmentation import UserError, runtime
 from segmentation.augmentation import train_augmentation
-from segmentation.engine import stage_of, stage_plan
+from segmentation.engine import Stage, stage_of
 from segmentation.layouts import get_layout, resolve_split
 
 # Loader workers see the decoded cache copy-on-write only when forked. Python 3.14 made forkserver Linux's default,
@@ -196,9 +196,9 @@ def loader_generator(args: argparse.Namespace, ctx: runtime.Context, which: int)
 
 
 def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, label_set: LabelSet,
-                 state: dict | None = None) -> RunData:
-    """Training loader (seeded sampler, augmentation) and validation loader (full images batched by size, each
-    scored once over all ranks), labels as ``label_set``'s classes."""
+                 plan: list[Stage], state: dict | None = None) -> RunData:
+    """Training loader (seeded sampler, augmentation, ``plan``'s scale each epoch) and validation loader (full
+    images batched by size, each scored once over all ranks), labels as ``label_set``'s classes."""
     # a new run's split is --split-dir's or the data's; a resumed run reads back what it wrote into its folder, so a
     # data folder that gained or lost files cannot change it
     split, source = resolve_split(args.dataset, args.data_root, ("train", "val"), None if state else args.split_dir,
@@ -216,8 +216,7 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
         raise UserError(f"{args.data_root}: {len(train_set)} training images are fewer than one batch "
                         f"({args.batch_size} x {ctx.world_size} processes); lower --batch-size")
     weights = loss_weights(train_set, args.class_weights, state)
-    sampler = SeededTrainSampler(len(train_set), args.seed, ctx.rank, ctx.world_size,
-                                 stage_plan(args.stages, args.epochs))
+    sampler = SeededTrainSampler(len(train_set), args.seed, ctx.rank, ctx.world_size, plan)
     sizes = [image_size(image) for image, _ in val_set.paths]
     # batches help a GPU; on the CPU one full-size image at a time measured faster (docs/results.md)
     val_batches = ShapeBatchSampler(sizes, args.batch_size if ctx.device.type == "cuda" else 1, ctx.rank,

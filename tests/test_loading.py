@@ -10,6 +10,7 @@ import main
 from data_preprocessing import SegmentationDataset
 from labels import get_label_set
 from segmentation import runtime
+from segmentation.engine import stage_plan
 from segmentation.loading import SeededTrainSampler, ShapeBatchSampler, make_loaders
 
 
@@ -26,7 +27,8 @@ def forkserver_by_default():
 def test_workers_share_the_cached_dataset_by_fork_not_by_pickling(synthetic_root, tmp_path, monkeypatch,
                                                                   forkserver_by_default):
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--workers", "1"))
-    data = make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path, get_label_set("train"))
+    data = make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path, get_label_set("train"),
+                        stage_plan((), 2))
     assert data.train_loader.dataset.cached
 
     def refuse(self, protocol):
@@ -38,7 +40,8 @@ def test_workers_share_the_cached_dataset_by_fork_not_by_pickling(synthetic_root
 
 def test_a_non_square_crop_keeps_its_orientation_height_then_width(synthetic_root, tmp_path):
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--crop-size", "64", "96"))
-    data = make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path, get_label_set("train"))
+    data = make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path, get_label_set("train"),
+                        stage_plan((), 2))
     images, labels = next(iter(data.train_loader))
     assert images.shape == (2, 3, 64, 96) and labels.shape == (2, 64, 96)
     assert "crop 64x96" in data.summary
@@ -102,7 +105,8 @@ def test_one_cache_budget_holds_train_first_and_val_in_what_is_left(synthetic_ro
     def loaders(cache_gb: float):
         args = main.parse_args(["--no-pretrained", "--data-root", str(synthetic_root), "--workers", "0",
                                 "--cache-gb", str(cache_gb), "--batch-size", "2"])
-        return make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path, get_label_set("train"))
+        return make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path, get_label_set("train"),
+                            stage_plan((), 2))
     whole = loaders(1.0)
     train_gb, val_gb = whole.train_loader.dataset.decoded_gb, whole.val_loader.dataset.decoded_gb
     assert whole.train_loader.dataset.cached and whole.val_loader.dataset.cached

@@ -57,7 +57,7 @@ def test_validation_at_a_reduced_scale_resizes_images_by_area_and_labels_by_valu
 def test_each_stage_warms_up_and_decays_on_its_own():
     args = argparse.Namespace(lr=0.1, momentum=0.9, weight_decay=0.0, warmup_epochs=1.0, poly_power=1.0,
                               epochs=5, stages=((0.5, 2),))
-    _, scheduler = make_optimizer(torch.nn.Conv2d(1, 1, 1), args, steps_per_epoch=4)
+    _, scheduler = make_optimizer(torch.nn.Conv2d(1, 1, 1), args, stage_plan(((0.5, 2),), 5), steps_per_epoch=4)
     rate = [scheduler.lr_lambdas[0](step) for step in range(20)]
     assert rate[0] == pytest.approx(0.1) and rate[4] == pytest.approx(1.0)  # stage 1: 4 warm-up steps, then decay
     assert rate[7] == pytest.approx(1 - 3 / 4)

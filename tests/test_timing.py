@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+from bench import Case, interleaved_seconds, paired_ratio, time_group
 from model import build_model
-from segmentation.timing import Case, interleaved_seconds, paired_ratio, time_group
 
 
 def test_interleaved_rounds_reverse_the_order_every_round():
