@@ -38,7 +38,7 @@ from data_preprocessing import KittiSemantics
 from labels import IGNORE_INDEX, get_label_set
 from model import ARCHS, ResNet18Trunk, build_model
 from segmentation import MAX_SIDE, UserError, require, runtime
-from segmentation.augmentation import train_augmentation
+from segmentation.augmentation import TrainAugmentation
 from segmentation.engine import class_map, predict, score_batch
 from segmentation.layouts import get_layout, list_labelled
 from segmentation.loading import WORKER_START, SeededTrainSampler
@@ -60,7 +60,7 @@ def training_data_rates(args) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench-kitti-"))
     write_synthetic_kitti(root, num_train=32, seed=0)
     names = list_labelled(root) * 8
-    dataset = KittiSemantics(root, names, transform=train_augmentation(tuple(args.crop_size)), cache=True)
+    dataset = KittiSemantics(root, names, transform=TrainAugmentation(tuple(args.crop_size)), cache=True)
     log(f"data pipeline, {args.workers} workers")
     return {"loader_img_per_s": loader_rate(dataset, args.batch_size, args.workers, timed_epochs=2)}
 
@@ -93,7 +93,7 @@ def cityscapes_loading(args, num_scenes: int = 24) -> dict:
     cityscapes = get_layout("cityscapes")
     names = resolve_split("cityscapes", root, ("train",)).names["train"]
     dataset = SegmentationDataset("cityscapes", root, names * 2, "train",
-                                  train_augmentation(cityscapes.crop_size, cityscapes.base_size), cache=False)
+                                  TrainAugmentation(cityscapes.crop_size, cityscapes.base_size), cache=False)
     result = {}
     for workers in (args.workers, 2 * args.workers):
         log(f"Cityscapes loader, {workers} workers")

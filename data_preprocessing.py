@@ -35,8 +35,8 @@ from torch.utils.data import Dataset
 from torchvision.datasets.utils import download_url, extract_archive
 
 from labels import IGNORE_INDEX, LabelSet, get_label_set
-from segmentation import MAX_SIDE, UserError, os_error_line, require
-from segmentation.layouts import DATASETS, get_layout, list_test_images, resolve_split
+from segmentation import MAX_SIDE, UserError, error_line, require
+from segmentation.layouts import DATASETS, get_layout, resolve_split
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,32 +98,25 @@ def default_cache_gb() -> float:
     CUDA and pinned buffers. 0 where the OS does not say (no cache rather than a guess)."""
     try:
         found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
-        available = int(found.group(1)) * 1024 if found else None
     except OSError:
-        available = None
-    if available is None:
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, AttributeError, OSError):
-            return 0.0
-    return available / 2 / 1e9
+        found = None
+    if found:
+        return int(found.group(1)) * 1024 / 2 / 1e9
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 / 1e9
+    except (ValueError, AttributeError, OSError):
+        return 0.0
 
 
 # --- datasets ----------------------------------------------------------------------------------------------
-def cache_budget_gb(cache: bool | float) -> float:
-    """``cache`` as a memory budget: True -> ``default_cache_gb()``, False -> 0 (off), a number -> GB."""
-    if isinstance(cache, bool):
-        return default_cache_gb() if cache else 0.0
-    return float(cache)
-
-
 class SegmentationDataset(Dataset):
     """Labelled images of ``dataset`` as ``(uint8 image (3, H, W), uint8 label (H, W))``, labels in ``label_set``
-    classes, ``transform`` (e.g. ``train_augmentation``) applied to both (``__getitem__``).
+    classes, ``transform`` (e.g. ``TrainAugmentation``) applied to both (``__getitem__``).
 
-    ``cache`` is a memory budget (``cache_budget_gb``): when the decoded files fit it (``decoded_gb``, estimated
-    from the PNG headers), every file is decoded once, up front, in the constructing process, and DataLoader
-    workers share the arrays; otherwise the workers decode on every access. ``cached`` says which happened.
+    ``cache`` is a memory budget in GB (True: ``default_cache_gb()``, False: off): when the decoded files fit it
+    (``decoded_gb``, estimated from the PNG headers), every file is decoded once, up front, in the constructing
+    process, and DataLoader workers share the arrays; otherwise the workers decode on every access. ``cached`` says
+    which happened.
     """
 
     def __init__(self, dataset: str, root: str | Path, names: list[str], label_set: LabelSet | str = "train",
@@ -134,7 +127,9 @@ class SegmentationDataset(Dataset):
         self.paths = self.layout.pair_paths(self.root, self.names)
         self.label_set = get_label_set(label_set) if isinstance(label_set, str) else label_set
         self.transform = transform
-        self.cache_budget_gb = cache_budget_gb(cache)
+        if isinstance(cache, bool):
+            cache = default_cache_gb() if cache else 0.0
+        self.cache_budget_gb = float(cache)
         self.decoded_gb, self._cache = None, None
         if self.cache_budget_gb:
             self.decoded_gb = estimate_decoded_bytes(image for image, _ in self.paths) / 1e9
@@ -187,7 +182,7 @@ class KittiSemantics(SegmentationDataset):
 
 
 class ImageList(Dataset):
-    """Unlabelled images from ``(name, path)`` pairs (e.g. ``list_test_images``) as ``uint8 (3, H, W)`` RGB."""
+    """Unlabelled images from ``(name, path)`` pairs (e.g. a layout's ``test_images``) as ``uint8 (3, H, W)`` RGB."""
 
     def __init__(self, items: list[tuple[str, Path]]):
         self.names = [name for name, _ in items]
@@ -268,7 +263,7 @@ def check_tree(root: Path, dataset: str = "kitti", label_set: LabelSet | str = "
     if problems:
         raise UserError(f"{root}: {len(problems)} of {len(names)} labelled pairs have problems: "
                         + " | ".join(problems[:5]) + (" | ..." if len(problems) > 5 else ""))
-    num_test = len(list_test_images(dataset, root)) if get_layout(dataset).test_dir(root).is_dir() else 0
+    num_test = len(get_layout(dataset).test_images(root)) if get_layout(dataset).test_dir(root).is_dir() else 0
     return (f"{root}: {len(names)} labelled pairs, {num_test} test images, {dataset} split "
             f"{len(split['train'])}/{len(split['val'])}, sizes {sorted(sizes)}, labels in {pairs.label_set.source}: OK")
 
@@ -353,10 +348,8 @@ def main(argv: list[str] | None = None) -> None:
             print(check_tree(args.check, args.layout, get_label_set(args.label_set)))
         if not (args.make_synthetic or args.download or args.check or args.colour_labels):
             parser.print_help()
-    except UserError as error:
-        sys.exit(f"error: {error}")
-    except OSError as error:
-        sys.exit(f"error: {os_error_line(error)}")
+    except (UserError, OSError) as error:
+        sys.exit(error_line(error))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch import nn
 
 from data_preprocessing import normalize
 from labels import LabelSet
-from segmentation import UserError, os_error_line, runtime
+from segmentation import UserError, error_line, runtime
 from segmentation.checkpoint import load_model
 
 FORMATS = ("onnx", "pt2")
@@ -132,8 +132,7 @@ def export(checkpoint: Path, out: Path, fmt: str = "onnx", with_logits: bool = F
     check_out(out, force)
     fcn, _, label_set = load_model(checkpoint, torch.device("cpu"))
     fcn = fcn.to(memory_format=torch.contiguous_format)  # torch.export.save expects dense weights, not channels_last
-    program = export_program(LabelIdNet(fcn, label_set, with_logits))
-    save_atomically(program, out, fmt, with_logits)
+    save_atomically(export_program(LabelIdNet(fcn, label_set, with_logits)), out, fmt, with_logits)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -155,10 +154,8 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"checkpoint {args.checkpoint} does not exist; pass the best.pt or last.pt of a run")
         with runtime.interrupts_end_in_one_line(f"nothing was written: {out} is written whole or not at all"):
             export(args.checkpoint, out, fmt, args.with_logits, args.force)
-    except UserError as error:
-        sys.exit(f"error: {error}")
-    except OSError as error:
-        sys.exit(f"error: {os_error_line(error)}")
+    except (UserError, OSError) as error:
+        sys.exit(error_line(error))
     print(f"wrote {out}: (1, 3, H, W) uint8 RGB -> (1, H, W) uint8 label ids{' + logits' if args.with_logits else ''}")
 
 

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from data_preprocessing import download_kitti
 from labels import LabelSet, get_label_set
 from model import build_model, count_parameters
-from segmentation import UserError, os_error_line, quoted, runtime
+from segmentation import UserError, error_line, quoted, runtime
 from segmentation.checkpoint import (
     CheckpointWriter,
     best_epoch,
@@ -182,7 +182,8 @@ def train(args: argparse.Namespace) -> Path:
                 "scaler": scaler.state_dict(), "epoch": epoch, "progress": vars(progress), "best_miou": best_miou,
                 "arch": args.arch, "num_classes": label_set.num_classes, "label_set": str(args.label_set),
                 "label_table": label_set.to_dict(), "world_size": ctx.world_size, "class_weights": data.class_weights,
-                "config": config_of(args), "history": history, "rng_cpu": torch.get_rng_state(),
+                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "explicit"},
+                "history": history, "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None}
 
     # 5. epochs: train -> validate -> keep (last.pt, best.pt) -> record, each a helper below
@@ -195,15 +196,14 @@ def train(args: argparse.Namespace) -> Path:
         or a DDP validation a stop cut short), its loss and seconds. Every rank holds the summed confusion matrix
         and rank 0's BatchNorm statistics, so every rank draws the same conclusions."""
         runtime.broadcast_buffers(model)  # rank 0's statistics are the ones saved and scored
-        scale = stage.scale
-        if data.val_loader is None or (scale != 1 and epoch + 1 < stage.end):  # never chosen: scored at its end only
+        if data.val_loader is None or (stage.scale != 1 and epoch + 1 < stage.end):  # never chosen: scored at its end
             return None, math.nan, 0.0
         start = time.perf_counter()
         cut = (lambda: stop.requested) if ctx.world_size > 1 else None  # torchrun kills soon after a signal
         confusion, val_loss = evaluate(model, data.val_loader, label_set.num_classes, ctx.device, amp_dtype,
-                                       show=ctx.is_main, class_weights=class_weights, zoom=scale, until=cut,
+                                       show=ctx.is_main, class_weights=class_weights, zoom=stage.scale, until=cut,
                                        on_prediction=tensorboard.keep_overlays(data.val_loader)
-                                       if ctx.is_main and scale == 1 else None)
+                                       if ctx.is_main and stage.scale == 1 else None)
         if cut and runtime.on_any_rank(stop.requested, ctx.device):  # a rank stopped early: the epoch goes unscored
             return None, math.nan, time.perf_counter() - start
         report = evaluation_report(confusion.matrix, label_set)
@@ -325,10 +325,6 @@ def describe(args, model, label_set, data_summary: str, ctx: runtime.Context, ru
             f"and validation), run folder {run_dir}")
 
 
-def config_of(args: argparse.Namespace) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "explicit"}
-
-
 def demo_args(args: argparse.Namespace) -> argparse.Namespace:
     """Settings for --demo: 40 half-size synthetic scenes and a short run, about 25 s on 2 CPU cores."""
     from torchvision.models import ResNet18_Weights
@@ -365,10 +361,8 @@ def main(argv: list[str] | None = None) -> None:
                     sys.exit(evaluation.returncode)
                 print(f"demo done: checkpoints in {run_dir}, curves in {run_dir / 'curves.png'}, "
                       f"predictions and overlays in {run_dir / 'test_val'}")
-    except UserError as error:
-        line = f"error: {error}"
-    except OSError as error:  # a folder or disk that fails mid-run: checkpoints are kept, see save_checkpoint
-        line = f"error: {os_error_line(error)}"
+    except (UserError, OSError) as error:  # OSError: a folder or disk that fails mid-run; checkpoints are kept
+        line = error_line(error)
     except RuntimeError as error:
         if "deterministic implementation" not in str(error):
             raise

@@ -28,12 +28,12 @@ import torch
 
 from data_preprocessing import ImageList, SegmentationDataset
 from labels import LabelSet, colorize
-from segmentation import UserError, os_error_line, require, runtime
+from segmentation import UserError, error_line, require, runtime
 from segmentation.checkpoint import load_model
 from segmentation.engine import ProgressLine, class_map, evaluate, predict
-from segmentation.layouts import list_images, list_test_images, resolve_split
+from segmentation.layouts import get_layout, list_images, resolve_split
 from segmentation.metrics import evaluation_report
-from segmentation.records import check_writable, plot_confusion
+from segmentation.records import check_writable, overlay, plot_confusion
 from segmentation.runtime import pick_device
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -225,9 +225,8 @@ def predict_video(frames: VideoFrames, path: Path, args, model, label_set: Label
         for frame in frames:
             prediction = class_map(predict(model, frame[None], device, amp_dtype, flip=args.flip,
                                            scales=tuple(args.scales)))
-            color = colorize(prediction[0].to(torch.uint8).cpu().numpy(), label_set)
-            overlay = (frame.permute(1, 2, 0).numpy().astype(np.uint16) + color) // 2
-            video.write(np.ascontiguousarray(overlay.astype(np.uint8)[..., ::-1]))  # OpenCV writes BGR
+            blended = overlay(frame, prediction[0].to(torch.uint8), label_set)
+            video.write(np.ascontiguousarray(blended[..., ::-1]))  # OpenCV writes BGR
             count += 1
     finally:
         video.release()
@@ -291,7 +290,7 @@ def run(args: argparse.Namespace) -> dict:
         dataset_name, root, (args.split,), args.split_dir, (args.checkpoint.parent, config.get("split_dir"))
     ).names[args.split]
     if names is None:  # a folder, or a test split without public labels (KITTI's, Cityscapes'): predictions only
-        items = list_images(args.images) if args.images is not None else list_test_images(dataset_name, root)
+        items = list_images(args.images) if args.images is not None else get_layout(dataset_name).test_images(root)
         with staged(args.out) as staging:
             return predict_images(args, model, ImageList(items), device, amp_dtype,
                                   prediction_writer(args, staging, label_set))
@@ -315,10 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         unit = "frames" if "video" in result else "images"
         print(f"{result['num_images']} {unit} at {result['images_per_second']:.1f} {unit}/s ({result['precision']}); "
               f"outputs in {args.out}")
-    except UserError as error:
-        sys.exit(f"error: {error}")
-    except OSError as error:
-        sys.exit(f"error: {os_error_line(error)}")
+    except (UserError, OSError) as error:
+        sys.exit(error_line(error))
 
 
 if __name__ == "__main__":

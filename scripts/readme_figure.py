@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 
 from data_preprocessing import KittiSemantics  # noqa: E402
 from labels import colorize, get_label_set  # noqa: E402
-from segmentation.augmentation import train_augmentation  # noqa: E402
+from segmentation.augmentation import TrainAugmentation  # noqa: E402
 from segmentation.layouts import list_labelled  # noqa: E402
 
 SAMPLE = ROOT / "tests" / "data" / "kitti-sample"
@@ -24,7 +24,7 @@ def main() -> None:
     label_set = get_label_set("train")
     names = list_labelled(SAMPLE)
     image, label = KittiSemantics(SAMPLE, names[:1], label_set)[0]
-    crop_image, crop_label = KittiSemantics(SAMPLE, names[:1], label_set, train_augmentation(320))[(0, 7)]
+    crop_image, crop_label = KittiSemantics(SAMPLE, names[:1], label_set, TrainAugmentation(320))[(0, 7)]
     top = np.vstack([image.permute(1, 2, 0).numpy(), colorize(label.numpy(), label_set)])
     crop = np.hstack([crop_image.permute(1, 2, 0).numpy(), colorize(crop_label.numpy(), label_set)])
     canvas = np.full((top.shape[0] + crop.shape[0] + 10, top.shape[1], 3), 255, np.uint8)

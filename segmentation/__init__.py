@@ -66,3 +66,8 @@ class UserError(Exception):
         if _WORKER_MARKER in message:
             message = message.rsplit(_WORKER_MARKER, 1)[1].strip()
         super().__init__(message)
+
+
+def error_line(error: UserError | OSError) -> str:
+    """The line a command exits with for bad input (a UserError) or a failed file operation (an OSError)."""
+    return f"error: {os_error_line(error) if isinstance(error, OSError) else error}"

@@ -107,11 +107,6 @@ class TrainAugmentation:
         return image, label
 
 
-def train_augmentation(crop_size: int | tuple[int, int], base_size: int | None = 375) -> TrainAugmentation:
-    """Every dataset's training augmentation, at its layout's crop size (an int is square) and base size."""
-    return TrainAugmentation(crop_size, base_size)
-
-
 def zoomed(images: torch.Tensor, labels: torch.Tensor, zoom: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, H, W) uint8 images and (N, H, W) labels resized by ``zoom``, as a resolution stage validates:
     images by area averaging (OpenCV's INTER_AREA, as a resized copy of the data would be), labels by

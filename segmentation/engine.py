@@ -70,8 +70,7 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
 def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 batch from the loader -> normalised float on ``device``, channels_last (faster convolutions on GPUs
     and on the CPU alike: docs/results.md)."""
-    x = normalize(images.to(device, non_blocking=True))
-    return x.contiguous(memory_format=torch.channels_last)
+    return normalize(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
 
 
 def train_one_epoch(model: nn.Module, train_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batches,
@@ -159,7 +158,6 @@ def predict(model: nn.Module, images: torch.Tensor, device: torch.device, amp_dt
     in bands (``score_batch``).
     """
     x = to_model_input(images, device)
-    size = x.shape[-2:]
     variants = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     probabilities = None
     for scale, flipped in variants:
@@ -168,7 +166,7 @@ def predict(model: nn.Module, images: torch.Tensor, device: torch.device, amp_dt
             logits = model(inp.flip(-1) if flipped else inp).float()
         logits = logits.flip(-1) if flipped else logits
         if scale != 1:
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if len(variants) == 1:
             return logits
         probabilities = logits.softmax(1) if probabilities is None else probabilities + logits.softmax(1)
@@ -281,10 +279,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            plain_conv = type(module) is torch.nn.Conv2d and name == "weight"
-            (decay if plain_conv else no_decay).append(param)
+            if param.requires_grad:
+                (decay if type(module) is torch.nn.Conv2d and name == "weight" else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

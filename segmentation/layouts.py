@@ -34,7 +34,6 @@ ROOT_SPLITS = "splits"  # ROOT/splits/{train,val,test}.txt: a data root's own sp
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-# --- KITTI: names are file stems, paths follow from them ---------------------------------------------------
 def list_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, fix: str = LAYOUT_HELP) -> dict[str, Path]:
     """{stem: path} of the files in ``folder`` with one of ``suffixes``. Other files are named in a warning, never
     dropped in silence; two files of one stem (a.png and a.jpg) are refused. ``fix`` ends each error line."""
@@ -112,7 +111,6 @@ class KittiLayout:
         return sorted(list_files(self.test_dir(root)).items())
 
 
-# --- Cityscapes: names are <city>/<stem>, the split is the folder they are in ------------------------------
 class CityscapesLayout:
     """Cityscapes fine annotations: the official train/val/test folders are the splits; only the
     ``*_gtFine_labelIds.png`` files are labels (``_color`` is a picture, ``_instanceIds`` holds id x 1000 +
@@ -197,7 +195,6 @@ def get_layout(dataset: str) -> KittiLayout | CityscapesLayout:
     return LAYOUTS[dataset]
 
 
-# --- splits ------------------------------------------------------------------------------------------------
 class Split(NamedTuple):
     """The names of each split asked for (None: a split without labels, e.g. KITTI's test), and where they came
     from, for a run's start line."""
@@ -279,11 +276,6 @@ def write_split(split: dict[str, list[str]], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, names in split.items():
         (folder / f"{name}.txt").write_text("".join(f"{n}\n" for n in names))
-
-
-def list_test_images(dataset: str, root: Path) -> list[tuple[str, Path]]:
-    """``(name, path)`` of the unlabelled test split: KITTI testing/image_2, Cityscapes leftImg8bit/test."""
-    return get_layout(dataset).test_images(Path(root))
 
 
 def list_images(folder: Path) -> list[tuple[str, Path]]:

@@ -31,7 +31,7 @@ from torch.utils.data import BatchSampler, Sampler
 from data_preprocessing import SegmentationDataset, default_cache_gb, image_size
 from labels import LabelSet
 from segmentation import UserError, runtime
-from segmentation.augmentation import train_augmentation
+from segmentation.augmentation import TrainAugmentation
 from segmentation.engine import Stage, stage_of
 from segmentation.layouts import get_layout, resolve_split
 
@@ -70,9 +70,8 @@ class SeededTrainSampler(Sampler):
         order = torch.randperm(self.num_samples, generator=g)
         order = order.repeat(-(-self.per_rank * self.world_size // self.num_samples))[: self.per_rank * self.world_size]
         sample_seeds = torch.randint(0, 2**62, (len(order),), generator=g)
-        positions = range(self.rank, len(order), self.world_size)
         zoom = stage_of(self.plan, self.epoch).scale if self.plan else 1.0
-        for position in list(positions)[self.skip:]:
+        for position in range(self.rank, len(order), self.world_size)[self.skip:]:
             yield int(order[position]), int(sample_seeds[position]), zoom
 
 
@@ -106,10 +105,8 @@ def class_pixel_counts(dataset: SegmentationDataset) -> np.ndarray:
     """(N, C) int64: pixels of each class in each image, ignored pixels left out. The labels come from the
     dataset's cache, or from the label PNGs alone (images are not decoded). One row per image because
     median frequency needs to know which images hold a class; ``.sum(0)`` gives the (C,) totals."""
-    num_classes = dataset.label_set.num_classes
-
     def count(index: int) -> np.ndarray:
-        return np.bincount(dataset.load_label(index).ravel(), minlength=256)[:num_classes]
+        return np.bincount(dataset.load_label(index).ravel(), minlength=256)[:dataset.label_set.num_classes]
     with ThreadPoolExecutor(4) as pool:  # cv2 releases the GIL while decoding
         return np.stack(list(pool.map(count, range(len(dataset))))).astype(np.int64)
 
@@ -209,7 +206,7 @@ def make_loaders(args: argparse.Namespace, ctx: runtime.Context, run_dir: Path, 
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cache = default_cache_gb() / local_processes if args.cache_gb is None else args.cache_gb
     train_set = SegmentationDataset(args.dataset, args.data_root, split["train"], label_set,
-                                    train_augmentation(crop, base), cache=cache)
+                                    TrainAugmentation(crop, base), cache=cache)
     left = max(0.0, cache - (train_set.decoded_gb if train_set.cached else 0.0))
     val_set = SegmentationDataset(args.dataset, args.data_root, split["val"], label_set, cache=left)
     if len(train_set) < args.batch_size * ctx.world_size:

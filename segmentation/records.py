@@ -136,7 +136,7 @@ class TensorBoardLog:
         def keep(batch_index: int, prediction: torch.Tensor) -> None:
             for index, classes in zip(loader.batch_sampler.batches[batch_index], prediction):
                 if len(self.overlays) < self.NUM_OVERLAYS:
-                    self.overlays.append(val_overlay(loader.dataset[index][0], classes, self.label_set))
+                    self.overlays.append(overlay(loader.dataset[index][0], classes, self.label_set))
         return keep
 
     def epoch(self, row: dict) -> None:
@@ -168,7 +168,7 @@ class TensorBoardLog:
             self.writer.close()
 
 
-def val_overlay(image: torch.Tensor, classes: torch.Tensor, label_set: LabelSet) -> np.ndarray:
+def overlay(image: torch.Tensor, classes: torch.Tensor, label_set: LabelSet) -> np.ndarray:
     """A (3, H, W) uint8 image with its (H, W) predicted classes blended over it half and half, (H, W, 3) uint8."""
     picture = image.permute(1, 2, 0).numpy().astype(np.uint16)
     return ((picture + colorize(classes.cpu().numpy(), label_set)) // 2).astype(np.uint8)

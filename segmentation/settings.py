@@ -173,8 +173,7 @@ def args_from_checkpoint(state: dict, cli: argparse.Namespace, defaults: argpars
     return args
 
 
-def load_resume_state(args: argparse.Namespace,
-                      defaults: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
+def load_resume_state(args: argparse.Namespace, defaults: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
     """The run's config and state when --resume is given, checked before anything starts."""
     if not args.resume:
         args.device = args.device or "auto"

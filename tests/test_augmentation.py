@@ -7,7 +7,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from data_preprocessing import KittiSemantics
-from segmentation.augmentation import RandomScaleCrop, TrainAugmentation, train_augmentation
+from segmentation.augmentation import RandomScaleCrop, TrainAugmentation
 from segmentation.layouts import get_layout, list_labelled
 from segmentation.loading import SeededTrainSampler
 
@@ -96,7 +96,7 @@ def test_augmentation_keeps_image_and_label_aligned_and_pads_label_with_255():
 def test_train_augmentation_equals_torchvisions_transforms_given_the_same_draws():
     """TrainAugmentation against RandomScaleCrop, v2's flip and v2.ColorJitter fed its own draws: a swapped
     colour factor, a wrong order or a flip of only one of the pair fails this."""
-    augment = train_augmentation(64, base_size=96)
+    augment = TrainAugmentation(64, base_size=96)
     jitter = v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)
     image, label = colour_coded_pair(np.random.default_rng(0))
     flips = set()
@@ -137,7 +137,7 @@ def test_random_scale_draws_every_short_side_from_half_to_twice_the_base_both_in
 
 
 def test_non_square_crop_comes_out_height_by_width():
-    augment = train_augmentation((48, 96), base_size=None)
+    augment = TrainAugmentation((48, 96), base_size=None)
     image, label = augment(torch.zeros(3, 60, 200, dtype=torch.uint8), torch.zeros(60, 200, dtype=torch.uint8),
                            torch.Generator().manual_seed(0))
     assert image.shape == (3, 48, 96) and label.shape == (48, 96)
@@ -145,7 +145,7 @@ def test_non_square_crop_comes_out_height_by_width():
 
 
 def test_seeded_augmentation_is_reproducible_and_varies_with_the_seed(synthetic_root):
-    augment = train_augmentation(64, base_size=96)
+    augment = TrainAugmentation(64, base_size=96)
     dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root), transform=augment)
     first, again, other = dataset[(0, 123)], dataset[(0, 123)], dataset[(0, 124)]
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
@@ -156,14 +156,14 @@ def test_seeded_augmentation_is_reproducible_and_varies_with_the_seed(synthetic_
 
 
 def test_unseeded_samples_draw_new_augmentations(synthetic_root):
-    dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root), transform=train_augmentation(64, 96))
+    dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root), transform=TrainAugmentation(64, 96))
     torch.manual_seed(0)
     draws = [dataset[0][0] for _ in range(4)]
     assert not all(torch.equal(draws[0], other) for other in draws[1:])
 
 
 def test_batches_do_not_depend_on_the_number_of_workers(synthetic_root):
-    augment = train_augmentation(64, base_size=96)
+    augment = TrainAugmentation(64, base_size=96)
     dataset = KittiSemantics(synthetic_root, list_labelled(synthetic_root), transform=augment)
 
     def batches(workers):

@@ -19,12 +19,12 @@ from data_preprocessing import (
     estimate_decoded_bytes,
 )
 from segmentation import UserError
-from segmentation.augmentation import train_augmentation
+from segmentation.augmentation import TrainAugmentation
 from segmentation.layouts import (
     DATASETS,
     default_split,
+    get_layout,
     list_labelled,
-    list_test_images,
     resolve_split,
     write_split,
 )
@@ -141,10 +141,10 @@ def test_cityscapes_splits_are_the_official_folders_named_city_slash_stem(citysc
     assert resolve_split("cityscapes", cityscapes_root, ("train", "val")).names == {"train": CITY_TRAIN, "val": CITY_VAL}
     assert resolve_split("cityscapes", cityscapes_root, ("val",)).names["val"] == CITY_VAL
     assert resolve_split("cityscapes", cityscapes_root, ("trainval",)).names["trainval"] == sorted(CITY_TRAIN + CITY_VAL)
-    [(name, path)] = list_test_images("cityscapes", cityscapes_root)
+    [(name, path)] = get_layout("cityscapes").test_images(cityscapes_root)
     assert name == "berlin/berlin_000000_000019"
     assert path == cityscapes_root / "leftImg8bit" / "test" / "berlin" / "berlin_000000_000019_leftImg8bit.png"
-    assert ImageList(list_test_images("cityscapes", cityscapes_root))[0].shape == (3, 64, 128)
+    assert ImageList(get_layout("cityscapes").test_images(cityscapes_root))[0].shape == (3, 64, 128)
 
 
 def test_cityscapes_reads_rgb_images_and_labelIds_pixel_by_pixel_and_never_the_color_files(cityscapes_copy):
@@ -170,7 +170,7 @@ def test_cityscapes_split_dir_overrides_the_official_folders(cityscapes_root, tm
 
 
 def test_cityscapes_seeded_augmentation_with_a_non_square_crop(cityscapes_root):
-    augment = train_augmentation((32, 64), base_size=None)
+    augment = TrainAugmentation((32, 64), base_size=None)
     dataset = SegmentationDataset("cityscapes", cityscapes_root, CITY_TRAIN, transform=augment)
     (image, label), (again, label_again) = dataset[(1, 7)], dataset[(1, 7)]
     assert image.shape == (3, 32, 64) and label.shape == (32, 64)
