@@ -285,8 +285,7 @@ def check(args: argparse.Namespace) -> None:
     runtime.pick_device(args.device)
 
 
-# ---- the timing harness: cases (a network in one mode, input shape and precision), steps timed interleaved so
-# that a slow spell of the machine hits every case of a group alike, and ratios of paired rounds with their spread
+# --- the timing harness: a slow spell of the machine hits every case of an interleaved group alike ---------------
 
 def log(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
