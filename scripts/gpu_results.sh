@@ -3,11 +3,11 @@
 # SYNTHETIC tree of KITTI's size (200 labelled images at KITTI resolutions), random init (no internet there).
 # bench.py needs onnxruntime and export.py onnxscript/onnx (requirements*.txt): carry the wheels if the machine lacks them.
 # Usage: bash scripts/gpu_results.sh OUT_DIR [STAGE ...]   stages: check (GPU-only tests, bench: ~4 min on an H100),
-# runs (three 50-epoch runs: ~4 min), suite (the whole test suite), camvid (issue 32's one-command recipe, 50
-# half-scale then 40 full-scale epochs with --stages, seeds 0 and 1, the same on the held-out-drive split and as a
-# final fit on train+val, then at ENet's length, 300 epochs in all, then the block default's question on the held-out
-# split: 50 epochs as 30 half-scale + 20 full-scale against 50 full-scale, two seeds each, then docs/results.md's
-# older CamVid rows still to run; each scored on test). Default: check runs. A device call may last at most 10 minutes, so give each call one
+# runs (three 50-epoch runs: ~4 min), suite (the whole test suite), camvid (issue 32's rows, first what the CPU
+# rows left open: a second seed of 50 full-scale epochs with log weights and 90 full-scale epochs, on the
+# held-out-drive split, and the CPU-measured 50-epoch rows again; then the one-command recipe, 50 half-scale then
+# 40 full-scale epochs with --stages, three seeds, the same on the held-out split and as a final fit on train+val,
+# at ENet's length, 300 epochs in all, then docs/results.md's older CamVid rows still to run; each scored on test). Default: check runs. A device call may last at most 10 minutes, so give each call one
 # stage; CAMVID_ROWS="name ..." runs only those camvid rows.
 # camvid needs data/camvid (182 MB, with its splits-heldout/ and splits-trainval/) from scripts/prepare_camvid.py on
 # the device, more than one call carries (64 MiB): here `tar -cf - data/camvid | split -b 60M - data/camvid.tar.part-`,
@@ -83,6 +83,12 @@ camvid() {  # the commands of docs/results.md's CamVid rows, on the GPU
     cp "/tmp/camvid/$name/metrics.csv" "$out/camvid_metrics_$name.csv"
     cp "/tmp/camvid/$name-test/metrics.json" "$out/camvid_test_$name.json"
   done <<'ROWS'
+budget50-full-seed1 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --split-dir data/camvid/splits-heldout --seed 1
+full90-heldout-seed0 --class-weights log --crop-size 320 --base-size 360 --epochs 90 --split-dir data/camvid/splits-heldout --seed 0
+full90-heldout-seed1 --class-weights log --crop-size 320 --base-size 360 --epochs 90 --split-dir data/camvid/splits-heldout --seed 1
+budget50-full-seed0 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --split-dir data/camvid/splits-heldout --seed 0
+budget50-stages-seed0 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --stages 0.5:30 --split-dir data/camvid/splits-heldout --seed 0
+budget50-stages-seed1 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --stages 0.5:30 --split-dir data/camvid/splits-heldout --seed 1
 stages-seed0 RECIPE --split-dir data/camvid/splits --seed 0
 stages-seed1 RECIPE --split-dir data/camvid/splits --seed 1
 stages-seed2 RECIPE --split-dir data/camvid/splits --seed 2
@@ -91,10 +97,6 @@ heldout-seed1 RECIPE --split-dir data/camvid/splits-heldout --seed 1
 trainval-seed0 RECIPE --split-dir data/camvid/splits-trainval --seed 0
 trainval-seed1 RECIPE --split-dir data/camvid/splits-trainval --seed 1
 stages-300-seed0 RECIPE --split-dir data/camvid/splits --epochs 300 --stages 0.5:250 --seed 0
-budget50-stages-seed0 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --stages 0.5:30 --split-dir data/camvid/splits-heldout --seed 0
-budget50-stages-seed1 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --stages 0.5:30 --split-dir data/camvid/splits-heldout --seed 1
-budget50-full-seed0 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --split-dir data/camvid/splits-heldout --seed 0
-budget50-full-seed1 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --split-dir data/camvid/splits-heldout --seed 1
 fcn32 --split-dir data/camvid/splits --arch fcn32
 fcn8-mf-seed1 --split-dir data/camvid/splits --class-weights median-freq --seed 1
 fcn8-mf-seed2 --split-dir data/camvid/splits --class-weights median-freq --seed 2
