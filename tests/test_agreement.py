@@ -123,8 +123,8 @@ def test_zero_warmup_epochs_runs_the_first_step_at_the_full_rate():
     model = torch.nn.Conv2d(3, 2, 1)
     args = types.SimpleNamespace(lr=0.01, momentum=0.9, weight_decay=0.0, epochs=2, stages=(), warmup_epochs=0.0,
                                  poly_power=0.9)
-    optimizer, _ = make_optimizer(model, args, stage_plan((), 2), steps_per_epoch=10)
+    optimizer, _ = make_optimizer(model, args, stage_plan(args.stages, args.epochs), steps_per_epoch=10)
     assert optimizer.param_groups[0]["lr"] == 0.01
     args.warmup_epochs = 1.0
-    optimizer, _ = make_optimizer(model, args, stage_plan((), 2), steps_per_epoch=10)
+    optimizer, _ = make_optimizer(model, args, stage_plan(args.stages, args.epochs), steps_per_epoch=10)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001)

@@ -28,7 +28,7 @@ def test_workers_share_the_cached_dataset_by_fork_not_by_pickling(synthetic_root
                                                                   forkserver_by_default):
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--workers", "1"))
     data = make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path, get_label_set("train"),
-                        stage_plan((), 2))
+                        stage_plan(args.stages, args.epochs))
     assert data.train_loader.dataset.cached
 
     def refuse(self, protocol):
@@ -41,7 +41,7 @@ def test_workers_share_the_cached_dataset_by_fork_not_by_pickling(synthetic_root
 def test_a_non_square_crop_keeps_its_orientation_height_then_width(synthetic_root, tmp_path):
     args = main.parse_args(train_argv(synthetic_root, tmp_path / "run", "--crop-size", "64", "96"))
     data = make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path, get_label_set("train"),
-                        stage_plan((), 2))
+                        stage_plan(args.stages, args.epochs))
     images, labels = next(iter(data.train_loader))
     assert images.shape == (2, 3, 64, 96) and labels.shape == (2, 64, 96)
     assert "crop 64x96" in data.summary
@@ -106,7 +106,7 @@ def test_one_cache_budget_holds_train_first_and_val_in_what_is_left(synthetic_ro
         args = main.parse_args(["--no-pretrained", "--data-root", str(synthetic_root), "--workers", "0",
                                 "--cache-gb", str(cache_gb), "--batch-size", "2"])
         return make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path, get_label_set("train"),
-                            stage_plan((), 2))
+                            stage_plan(args.stages, args.epochs))
     whole = loaders(1.0)
     train_gb, val_gb = whole.train_loader.dataset.decoded_gb, whole.val_loader.dataset.decoded_gb
     assert whole.train_loader.dataset.cached and whole.val_loader.dataset.cached

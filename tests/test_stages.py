@@ -18,9 +18,12 @@ from test_class_table import write_tree
 from test_main import assert_same_history, assert_same_weights, final_weights, history_without_timings
 
 import main
+from labels import get_label_set
+from segmentation import runtime
 from segmentation.augmentation import TrainAugmentation, zoomed
 from segmentation.engine import make_optimizer, stage_plan
 from segmentation.layouts import resolve_split, write_split
+from segmentation.loading import make_loaders
 from segmentation.synthetic import write_synthetic_cityscapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +60,8 @@ def test_validation_at_a_reduced_scale_resizes_images_by_area_and_labels_by_valu
 def test_each_stage_warms_up_and_decays_on_its_own():
     args = argparse.Namespace(lr=0.1, momentum=0.9, weight_decay=0.0, warmup_epochs=1.0, poly_power=1.0,
                               epochs=5, stages=((0.5, 2),))
-    _, scheduler = make_optimizer(torch.nn.Conv2d(1, 1, 1), args, stage_plan(((0.5, 2),), 5), steps_per_epoch=4)
+    _, scheduler = make_optimizer(torch.nn.Conv2d(1, 1, 1), args, stage_plan(args.stages, args.epochs),
+                                  steps_per_epoch=4)
     rate = [scheduler.lr_lambdas[0](step) for step in range(20)]
     assert rate[0] == pytest.approx(0.1) and rate[4] == pytest.approx(1.0)  # stage 1: 4 warm-up steps, then decay
     assert rate[7] == pytest.approx(1 - 3 / 4)
@@ -97,6 +101,23 @@ def test_stages_run_on_every_layout_and_only_full_scale_epochs_choose_best(synth
     rows = metrics(run)
     assert [row["scale"] for row in rows] == ["0.5", "1.0"] and all(float(row["val_mIoU"]) >= 0 for row in rows)
     assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 2  # the half-scale epoch is never best
+
+
+@pytest.mark.parametrize("layout", ["kitti", "cityscapes"])
+def test_the_training_loader_crops_each_epoch_at_its_stage_scale(synthetic_root, tmp_path, layout):
+    flags, root, crop = ["--epochs", "3", "--stages", "0.5:2"], synthetic_root, (64, 64)
+    if layout == "cityscapes":
+        root = write_synthetic_cityscapes(tmp_path / "city", num_train=4, num_val=2, seed=0, size=(96, 192))
+        crop = (64, 128)
+        flags += ["--dataset", "cityscapes", "--crop-size", "64", "128"]
+    args = main.parse_args(train_argv(root, tmp_path / "run", *flags))
+    data = make_loaders(args, runtime.Context(0, 1, torch.device("cpu")), tmp_path, get_label_set("train"),
+                        stage_plan(args.stages, args.epochs))
+    for epoch, scale in ((0, 0.5), (1, 0.5), (2, 1)):
+        data.sampler.set_epoch(epoch)
+        images, labels = next(iter(data.train_loader))
+        size = tuple(int(side * scale) for side in crop)
+        assert images.shape[-2:] == size and labels.shape[-2:] == size, (epoch, images.shape)
 
 
 def test_validation_never_changes_what_a_run_learns_so_a_reduced_stage_is_scored_at_its_end_only(synthetic_root,
