@@ -1,9 +1,12 @@
 """The rows docs/results.md reports, computed from run folders: each seed's best full-scale val mIoU (its epoch),
 its test mIoU and pixel accuracy (``test.py --split test`` wrote RUN/test_test/metrics.json), then the mean and the
 spread (max - min) over the seeds, and the per-class test IoU of each run. Means and differences are never typed.
+``--scored`` reads another of test.py's output folders instead of test_test, e.g. val_flip from
+``test.py --split val --flip --out RUN/val_flip``.
 
     python scripts/summarize_runs.py runs/stages-s0 runs/stages-s1
     python scripts/summarize_runs.py runs/a-s0 runs/a-s1 --against runs/b-s0 runs/b-s1   # and the difference
+    python scripts/summarize_runs.py runs/a-s0 --scored val_flip --against runs/a-s0 --against-scored val_plain
 """
 from __future__ import annotations
 
@@ -14,12 +17,12 @@ import statistics
 from pathlib import Path
 
 
-def run_figures(run: Path) -> dict:
-    """Best full-scale val mIoU and its epoch from metrics.csv; test figures from test_test/metrics.json."""
+def run_figures(run: Path, folder: str) -> dict:
+    """Best full-scale val mIoU and its epoch from metrics.csv; test figures from RUN/<folder>/metrics.json."""
     rows = [row for row in csv.DictReader(open(run / "metrics.csv")) if float(row.get("scale") or 1) == 1]
     scored = [row for row in rows if row["val_mIoU"] not in ("", "nan")]
     best = max(scored, key=lambda row: float(row["val_mIoU"])) if scored else None
-    test = json.loads((run / "test_test" / "metrics.json").read_text())
+    test = json.loads((run / folder / "metrics.json").read_text())
     return {"run": run.name, "val": 100 * float(best["val_mIoU"]) if best else None,
             "epoch": int(best["epoch"]) if best else None, "test": 100 * test["mIoU"],
             "pixel_acc": 100 * test["pixel_acc"], "class_iou": test["class_iou"],
@@ -27,8 +30,8 @@ def run_figures(run: Path) -> dict:
                            csv.DictReader(open(run / "metrics.csv"))) / 60}
 
 
-def summary(runs: list[Path]) -> dict:
-    figures = [run_figures(run) for run in runs]
+def summary(runs: list[Path], folder: str) -> dict:
+    figures = [run_figures(run, folder) for run in runs]
     tests = [f["test"] for f in figures]
     vals = [f["val"] for f in figures if f["val"] is not None]
     return {"figures": figures, "mean_test": statistics.mean(tests), "spread": max(tests) - min(tests),
@@ -39,22 +42,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--against", type=Path, nargs="+", help="the runs of another row: print the difference")
+    parser.add_argument("--scored", default="test_test", help="test.py's output folder in a run (default %(default)s)")
+    parser.add_argument("--against-scored", help="the same for the --against runs (default: --scored)")
     args = parser.parse_args()
-    result = summary(args.runs)
+    result = summary(args.runs, args.scored)
     for f in result["figures"]:
         val = f"{f['val']:.2f} (epoch {f['epoch']})" if f["val"] is not None else "none (no validation)"
-        print(f"{f['run']}: best val {val}, test mIoU {f['test']:.2f}, pixel acc {f['pixel_acc']:.2f}, "
+        print(f"{f['run']}: best val {val}, {args.scored} mIoU {f['test']:.2f}, pixel acc {f['pixel_acc']:.2f}, "
               f"{f['minutes']:.0f} min of epochs")
     seeds = " / ".join(f"{f['test']:.2f}" for f in result["figures"])
     mean_val = f"{result['mean_val']:.2f}" if result["mean_val"] is not None else "n/a"
-    print(f"test {seeds}: mean {result['mean_test']:.2f}, spread {result['spread']:.2f}; mean val {mean_val}")
+    print(f"{args.scored} {seeds}: mean {result['mean_test']:.2f}, spread {result['spread']:.2f}; mean val {mean_val}")
     names = list(result["figures"][0]["class_iou"])
     print("| run | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for f in result["figures"]:
         print(f"| {f['run']} | " + " | ".join(f"{100 * f['class_iou'][n]:.1f}" for n in names) + " |")
     if args.against:
-        other = summary(args.against)
-        print(f"difference in mean test: {result['mean_test'] - other['mean_test']:+.2f} "
+        other = summary(args.against, args.against_scored or args.scored)
+        print(f"difference in mean {args.scored} mIoU: {result['mean_test'] - other['mean_test']:+.2f} "
               f"({result['mean_test']:.2f} against {other['mean_test']:.2f})")
 
 
