@@ -5,7 +5,8 @@
 # Usage: bash scripts/gpu_results.sh OUT_DIR [STAGE ...]   stages: check (GPU-only tests, bench: ~4 min on an H100),
 # runs (three 50-epoch runs: ~4 min), suite (the whole test suite), camvid (issue 32's rows, first what the CPU
 # rows left open: a second seed of 50 full-scale epochs with log weights and 90 full-scale epochs, on the
-# held-out-drive split, and the CPU-measured 50-epoch rows again; then the one-command recipe, 50 half-scale then
+# held-out-drive split, a third seed of the final fit (60 full-scale epochs on train+val), and the CPU-measured
+# 50- and 60-epoch rows again; then the one-command recipe, 50 half-scale then
 # 40 full-scale epochs with --stages, three seeds, the same on the held-out split and as a final fit on train+val,
 # at ENet's length, 300 epochs in all, then docs/results.md's older CamVid rows still to run; each scored on test). Default: check runs. A device call may last at most 10 minutes, so give each call one
 # stage; CAMVID_ROWS="name ..." runs only those camvid rows.
@@ -86,9 +87,12 @@ camvid() {  # the commands of docs/results.md's CamVid rows, on the GPU
 budget50-full-seed1 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --split-dir data/camvid/splits-heldout --seed 1
 full90-heldout-seed0 --class-weights log --crop-size 320 --base-size 360 --epochs 90 --split-dir data/camvid/splits-heldout --seed 0
 full90-heldout-seed1 --class-weights log --crop-size 320 --base-size 360 --epochs 90 --split-dir data/camvid/splits-heldout --seed 1
+trainval60-full-seed2 --class-weights log --crop-size 320 --base-size 360 --epochs 60 --split-dir data/camvid/splits-trainval --seed 2
 budget50-full-seed0 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --split-dir data/camvid/splits-heldout --seed 0
 budget50-stages-seed0 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --stages 0.5:30 --split-dir data/camvid/splits-heldout --seed 0
 budget50-stages-seed1 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --stages 0.5:30 --split-dir data/camvid/splits-heldout --seed 1
+trainval60-full-seed0 --class-weights log --crop-size 320 --base-size 360 --epochs 60 --split-dir data/camvid/splits-trainval --seed 0
+trainval60-full-seed1 --class-weights log --crop-size 320 --base-size 360 --epochs 60 --split-dir data/camvid/splits-trainval --seed 1
 stages-seed0 RECIPE --split-dir data/camvid/splits --seed 0
 stages-seed1 RECIPE --split-dir data/camvid/splits --seed 1
 stages-seed2 RECIPE --split-dir data/camvid/splits --seed 2
