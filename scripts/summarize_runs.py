@@ -61,6 +61,9 @@ def main() -> None:
         other = summary(args.against, args.against_scored or args.scored)
         print(f"difference in mean {args.scored} mIoU: {result['mean_test'] - other['mean_test']:+.2f} "
               f"({result['mean_test']:.2f} against {other['mean_test']:.2f})")
+        if [f["run"] for f in result["figures"]] == [f["run"] for f in other["figures"]]:  # one set, two ways
+            print("per run: " + ", ".join(f"{f['run']} {f['test'] - g['test']:+.2f}"
+                                          for f, g in zip(result["figures"], other["figures"])))
 
 
 if __name__ == "__main__":
