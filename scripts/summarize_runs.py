@@ -18,23 +18,23 @@ from pathlib import Path
 
 
 def run_figures(run: Path, folder: str) -> dict:
-    """Best full-scale val mIoU and its epoch from metrics.csv; test figures from RUN/<folder>/metrics.json."""
-    rows = [row for row in csv.DictReader(open(run / "metrics.csv")) if float(row.get("scale") or 1) == 1]
-    scored = [row for row in rows if row["val_mIoU"] not in ("", "nan")]
+    """Best full-scale val mIoU and its epoch from metrics.csv; the scored figures from RUN/<folder>/metrics.json."""
+    with open(run / "metrics.csv") as file:
+        epochs = list(csv.DictReader(file))
+    scored = [row for row in epochs if float(row.get("scale") or 1) == 1 and row["val_mIoU"] not in ("", "nan")]
     best = max(scored, key=lambda row: float(row["val_mIoU"])) if scored else None
-    test = json.loads((run / folder / "metrics.json").read_text())
+    metrics = json.loads((run / folder / "metrics.json").read_text())
     return {"run": run.name, "val": 100 * float(best["val_mIoU"]) if best else None,
-            "epoch": int(best["epoch"]) if best else None, "test": 100 * test["mIoU"],
-            "pixel_acc": 100 * test["pixel_acc"], "class_iou": test["class_iou"],
-            "minutes": sum(float(row["seconds"]) + float(row["val_seconds"]) for row in
-                           csv.DictReader(open(run / "metrics.csv"))) / 60}
+            "epoch": int(best["epoch"]) if best else None, "score": 100 * metrics["mIoU"],
+            "pixel_acc": 100 * metrics["pixel_acc"], "class_iou": metrics["class_iou"],
+            "minutes": sum(float(row["seconds"]) + float(row["val_seconds"]) for row in epochs) / 60}
 
 
 def summary(runs: list[Path], folder: str) -> dict:
     figures = [run_figures(run, folder) for run in runs]
-    tests = [f["test"] for f in figures]
+    scores = [f["score"] for f in figures]
     vals = [f["val"] for f in figures if f["val"] is not None]
-    return {"figures": figures, "mean_test": statistics.mean(tests), "spread": max(tests) - min(tests),
+    return {"figures": figures, "mean_score": statistics.mean(scores), "spread": max(scores) - min(scores),
             "mean_val": statistics.mean(vals) if vals else None}
 
 
@@ -48,21 +48,21 @@ def main() -> None:
     result = summary(args.runs, args.scored)
     for f in result["figures"]:
         val = f"{f['val']:.2f} (epoch {f['epoch']})" if f["val"] is not None else "none (no validation)"
-        print(f"{f['run']}: best val {val}, {args.scored} mIoU {f['test']:.2f}, pixel acc {f['pixel_acc']:.2f}, "
+        print(f"{f['run']}: best val {val}, {args.scored} mIoU {f['score']:.2f}, pixel acc {f['pixel_acc']:.2f}, "
               f"{f['minutes']:.0f} min of epochs")
-    seeds = " / ".join(f"{f['test']:.2f}" for f in result["figures"])
+    seeds = " / ".join(f"{f['score']:.2f}" for f in result["figures"])
     mean_val = f"{result['mean_val']:.2f}" if result["mean_val"] is not None else "n/a"
-    print(f"{args.scored} {seeds}: mean {result['mean_test']:.2f}, spread {result['spread']:.2f}; mean val {mean_val}")
+    print(f"{args.scored} {seeds}: mean {result['mean_score']:.2f}, spread {result['spread']:.2f}; mean val {mean_val}")
     names = list(result["figures"][0]["class_iou"])
     print("| run | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for f in result["figures"]:
         print(f"| {f['run']} | " + " | ".join(f"{100 * f['class_iou'][n]:.1f}" for n in names) + " |")
     if args.against:
         other = summary(args.against, args.against_scored or args.scored)
-        print(f"difference in mean {args.scored} mIoU: {result['mean_test'] - other['mean_test']:+.2f} "
-              f"({result['mean_test']:.2f} against {other['mean_test']:.2f})")
+        print(f"difference in mean {args.scored} mIoU: {result['mean_score'] - other['mean_score']:+.2f} "
+              f"({result['mean_score']:.2f} against {other['mean_score']:.2f})")
         if [f["run"] for f in result["figures"]] == [f["run"] for f in other["figures"]]:  # one set, two ways
-            print("per run: " + ", ".join(f"{f['run']} {f['test'] - g['test']:+.2f}"
+            print("per run: " + ", ".join(f"{f['run']} {f['score'] - g['score']:+.2f}"
                                           for f, g in zip(result["figures"], other["figures"])))
 
 
