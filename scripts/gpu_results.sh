@@ -3,13 +3,13 @@
 # SYNTHETIC tree of KITTI's size (200 labelled images at KITTI resolutions), random init (no internet there).
 # bench.py needs onnxruntime and export.py onnxscript/onnx (requirements*.txt): carry the wheels if the machine lacks them.
 # Usage: bash scripts/gpu_results.sh OUT_DIR [STAGE ...]   stages: check (GPU-only tests, bench: ~4 min on an H100),
-# runs (three 50-epoch runs: ~4 min), suite (the whole test suite), camvid (issue 32's rows, first what the CPU
-# rows left open: a second seed of 50 full-scale epochs with log weights and 90 full-scale epochs, on the
-# held-out-drive split, a third seed of the final fit (60 full-scale epochs on train+val), and the CPU-measured
-# 50- and 60-epoch rows again; then the one-command recipe, 50 half-scale then
-# 40 full-scale epochs with --stages, three seeds, the same on the held-out split and as a final fit on train+val,
-# at ENet's length, 300 epochs in all, then docs/results.md's older CamVid rows still to run; each scored on test). Default: check runs. A device call may last at most 10 minutes, so give each call one
-# stage; CAMVID_ROWS="name ..." runs only those camvid rows.
+# runs (three 50-epoch runs: ~4 min), suite (the whole test suite), camvid (issue 32's rows, each scored on test:
+# first what the CPU left open, a second seed of 50 full-scale epochs with log weights and 90 full-scale epochs on
+# the held-out-drive split and a third seed of the final fit, 60 full-scale epochs on train+val; then the 50- and
+# 60-epoch rows the CPU measured; then the one-command recipe, 50 half-scale then 40 full-scale epochs with --stages,
+# three seeds, the same on the held-out split and as a final fit, at ENet's length, 300 epochs in all; then
+# docs/results.md's older CamVid rows still to run). Default: check runs. A device call may last at most 10 minutes,
+# so give each call one stage; CAMVID_ROWS="name ..." runs only those camvid rows.
 # camvid needs data/camvid (182 MB, with its splits-heldout/ and splits-trainval/) from scripts/prepare_camvid.py on
 # the device, more than one call carries (64 MiB): here `tar -cf - data/camvid | split -b 60M - data/camvid.tar.part-`,
 # one call per part with carry ["data/camvid.tar.part-aa"] and so on (a warm machine keeps them), then this stage
@@ -70,11 +70,13 @@ suite() {  # the whole suite, in parallel where pytest-xdist is installed (threa
 camvid() {  # the commands of docs/results.md's CamVid rows, on the GPU
   [[ -d data/camvid ]] || cat data/camvid.tar.part-* | tar -xf -
   local camvid="--no-pretrained --arch fcn8 --data-root data/camvid --label-set data/camvid/camvid.csv"
-  local recipe="--class-weights log --crop-size 320 --base-size 360 --epochs 90 --stages 0.5:50"
+  local log320="--class-weights log --crop-size 320 --base-size 360"  # ENet's weights, the staged recipe's sizes
+  local recipe="$log320 --epochs 90 --stages 0.5:50"
   local name run_flags start
   while read -r name run_flags; do
     [[ -z ${CAMVID_ROWS:-} || " $CAMVID_ROWS " == *" $name "* ]] || continue
     run_flags=${run_flags//RECIPE/$recipe}
+    run_flags=${run_flags//LOG320/$log320}
     start=$SECONDS
     python3 main.py $camvid $run_flags --workers "${WORKERS:-8}" --out "/tmp/camvid/$name" < /dev/null \
       > "$out/camvid_$name.log" 2>&1 || { echo "camvid $name FAILED" | tee -a "$out/camvid_$name.log"; continue; }
@@ -84,15 +86,15 @@ camvid() {  # the commands of docs/results.md's CamVid rows, on the GPU
     cp "/tmp/camvid/$name/metrics.csv" "$out/camvid_metrics_$name.csv"
     cp "/tmp/camvid/$name-test/metrics.json" "$out/camvid_test_$name.json"
   done <<'ROWS'
-budget50-full-seed1 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --split-dir data/camvid/splits-heldout --seed 1
-full90-heldout-seed0 --class-weights log --crop-size 320 --base-size 360 --epochs 90 --split-dir data/camvid/splits-heldout --seed 0
-full90-heldout-seed1 --class-weights log --crop-size 320 --base-size 360 --epochs 90 --split-dir data/camvid/splits-heldout --seed 1
-trainval60-full-seed2 --class-weights log --crop-size 320 --base-size 360 --epochs 60 --split-dir data/camvid/splits-trainval --seed 2
-budget50-full-seed0 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --split-dir data/camvid/splits-heldout --seed 0
-budget50-stages-seed0 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --stages 0.5:30 --split-dir data/camvid/splits-heldout --seed 0
-budget50-stages-seed1 --class-weights log --crop-size 320 --base-size 360 --epochs 50 --stages 0.5:30 --split-dir data/camvid/splits-heldout --seed 1
-trainval60-full-seed0 --class-weights log --crop-size 320 --base-size 360 --epochs 60 --split-dir data/camvid/splits-trainval --seed 0
-trainval60-full-seed1 --class-weights log --crop-size 320 --base-size 360 --epochs 60 --split-dir data/camvid/splits-trainval --seed 1
+budget50-full-seed1 LOG320 --epochs 50 --split-dir data/camvid/splits-heldout --seed 1
+full90-heldout-seed0 LOG320 --epochs 90 --split-dir data/camvid/splits-heldout --seed 0
+full90-heldout-seed1 LOG320 --epochs 90 --split-dir data/camvid/splits-heldout --seed 1
+trainval60-full-seed2 LOG320 --epochs 60 --split-dir data/camvid/splits-trainval --seed 2
+budget50-full-seed0 LOG320 --epochs 50 --split-dir data/camvid/splits-heldout --seed 0
+budget50-stages-seed0 LOG320 --epochs 50 --stages 0.5:30 --split-dir data/camvid/splits-heldout --seed 0
+budget50-stages-seed1 LOG320 --epochs 50 --stages 0.5:30 --split-dir data/camvid/splits-heldout --seed 1
+trainval60-full-seed0 LOG320 --epochs 60 --split-dir data/camvid/splits-trainval --seed 0
+trainval60-full-seed1 LOG320 --epochs 60 --split-dir data/camvid/splits-trainval --seed 1
 stages-seed0 RECIPE --split-dir data/camvid/splits --seed 0
 stages-seed1 RECIPE --split-dir data/camvid/splits --seed 1
 stages-seed2 RECIPE --split-dir data/camvid/splits --seed 2
