@@ -272,13 +272,13 @@ def colour_labels_to_values(source: Path, dest: Path, label_set: LabelSet) -> st
     """Turn every colour label image (PNG) in ``source`` into a single-channel label PNG of the same name in
     ``dest`` (new or empty), each pixel the table value of its colour. A colour that no row of the table has
     becomes 255 (ignored); each file with such pixels is named, with their count. Where two rows share a
-    colour, the first one's value is written."""
+    colour, the smaller value is written (a table keeps no row order)."""
     files = sorted(p for p in Path(source).glob("*.png") if p.is_file())
     if not files:
         raise UserError(f"{source} holds no PNG files; pass the folder of colour label images")
     if Path(dest).exists() and any(Path(dest).iterdir()):
         raise UserError(f"{dest} already holds files; give a new or empty folder, so that nothing is overwritten")
-    values = np.flatnonzero(label_set.known[:255])[::-1]  # reversed: the first row of a shared colour wins
+    values = np.flatnonzero(label_set.known[:255])[::-1]  # reversed: the smaller value of a shared colour wins
     codes = {int(r) << 16 | int(g) << 8 | int(b): value
              for value, (r, g, b) in zip(values, label_set.value_colors[values])}
     Path(dest).mkdir(parents=True, exist_ok=True)

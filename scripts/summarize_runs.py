@@ -1,6 +1,8 @@
 """The rows docs/results.md reports, computed from run folders: each seed's best full-scale val mIoU (its epoch),
 its test mIoU and pixel accuracy (``test.py --split test`` wrote RUN/test_test/metrics.json), then the mean and the
 spread (max - min) over the seeds, and the per-class test IoU of each run. Means and differences are never typed.
+Val and test are the same figure, the benchmark's mIoU (main.py chooses by it): a class table's own mIoU, the 19
+train classes' for the Cityscapes label sets.
 ``--scored`` reads another of test.py's output folders instead of test_test, e.g. val_flip from
 ``test.py --split val --flip --out RUN/val_flip``.
 
@@ -25,9 +27,14 @@ def run_figures(run: Path, folder: str) -> dict:
     best = max(scored, key=lambda row: float(row["val_mIoU"])) if scored else None
     metrics = json.loads((run / folder / "metrics.json").read_text())
     return {"run": run.name, "val": 100 * float(best["val_mIoU"]) if best else None,
-            "epoch": int(best["epoch"]) if best else None, "score": 100 * metrics["mIoU"],
-            "pixel_acc": 100 * metrics["pixel_acc"], "class_iou": metrics["class_iou"],
+            "epoch": int(best["epoch"]) if best else None, "score": 100 * metrics["benchmark_mIoU"],
+            "pixel_acc": 100 * metrics["benchmark_pixel_acc"], "class_iou": metrics["class_iou"],
             "minutes": sum(float(row["seconds"]) + float(row["val_seconds"]) for row in epochs) / 60}
+
+
+def percent(iou: float | None) -> str:
+    """A class IoU as the per-class tables print it; n/a for a class absent from the scored split (None)."""
+    return "n/a" if iou is None else f"{100 * iou:.1f}"
 
 
 def summary(runs: list[Path], folder: str) -> dict:
@@ -56,7 +63,7 @@ def main() -> None:
     names = list(result["figures"][0]["class_iou"])
     print("| run | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for f in result["figures"]:
-        print(f"| {f['run']} | " + " | ".join(f"{100 * f['class_iou'][n]:.1f}" for n in names) + " |")
+        print(f"| {f['run']} | " + " | ".join(percent(f["class_iou"][n]) for n in names) + " |")
     if args.against:
         other = summary(args.against, args.against_scored or args.scored)
         print(f"difference in mean {args.scored} mIoU: {result['mean_score'] - other['mean_score']:+.2f} "

@@ -155,22 +155,27 @@ def predict(model: nn.Module, images: torch.Tensor, device: torch.device, amp_dt
     """(N, 3, H, W) uint8 images -> (N, C, H, W) float class scores: the logits, or with ``flip`` and/or several
     ``scales`` (TTA) the log of the variants' averaged softmax outputs. Either way ``log_softmax`` of the scores
     gives the log-probabilities and their maximum the class; normalising is left to the caller, which may do it
-    in bands (``score_batch``).
+    in bands (``score_batch``). The average is taken in log space (log-sum-exp of the variants' log-softmaxes):
+    a confident model's softmax underflows to 0 in float32, and the log of such an average would be -inf, a
+    pixel's loss inf. A scaled variant is resized to and from explicit sizes, so the two resizes are inverses.
     """
     x = to_model_input(images, device)
+    height, width = x.shape[-2:]
     variants = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
-    probabilities = None
+    log_sum = None
     for scale, flipped in variants:
-        inp = x if scale == 1 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        inp = x if scale == 1 else F.interpolate(x, size=(max(1, round(height * scale)), max(1, round(width * scale))),
+                                                 mode="bilinear", align_corners=False)
         with autocast(device, amp_dtype):
             logits = model(inp.flip(-1) if flipped else inp).float()
         logits = logits.flip(-1) if flipped else logits
         if scale != 1:
-            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
         if len(variants) == 1:
             return logits
-        probabilities = logits.softmax(1) if probabilities is None else probabilities + logits.softmax(1)
-    return (probabilities / len(variants)).log()
+        log_probabilities = logits.log_softmax(1)
+        log_sum = log_probabilities if log_sum is None else torch.logaddexp(log_sum, log_probabilities)
+    return log_sum - math.log(len(variants))
 
 
 def score_batch(scores: torch.Tensor, target: torch.Tensor,

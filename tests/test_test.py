@@ -1,5 +1,6 @@
 """test.py: the metrics contract, label-id predictions, and one clear line for every bad checkpoint."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from data_preprocessing import normalize
 from model import build_model
 from segmentation import UserError
 from segmentation.checkpoint import load_checkpoint
-from segmentation.engine import predict
+from segmentation.engine import class_map, predict, score_batch
 
 if not hasattr(np, "in1d"):  # cityscapesscripts 2.3.0 still calls np.in1d, removed in NumPy 2.4
     np.in1d = np.isin
@@ -125,6 +126,36 @@ def test_multiscale_flip_tta_averages_the_softmax_of_every_scale_and_mirror(rand
     flip_only = predict(random_model, scenes, torch.device("cpu"), flip=True)
     assert (expected.exp() - flip_only.exp()).abs().max() > 0.02  # the 0.75 scale changes the answer
     torch.testing.assert_close(ours.exp(), expected.exp(), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_multiscale_tta_maps_a_scale_that_does_not_divide_the_image_back_onto_its_pixels(random_model, scenes):
+    """61 x 93 at 0.75 is 45.75 x 69.75: the reduced image is resized to (46, 70) and back, and its logits land on
+    the pixels the reference maps them to (a resize by factor, then back to a size, would drift by up to a pixel)."""
+    crop = scenes[..., :61, :93]
+    x = normalize(crop)
+    expected = ((softmax_at(random_model, x, 0.75, False) + softmax_at(random_model, x, 1.0, False)) / 2).log()
+    ours = predict(random_model, crop, torch.device("cpu"), scales=(0.75, 1.0))
+    torch.testing.assert_close(ours.exp(), expected.exp(), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_tta_scores_stay_finite_where_a_confident_models_softmax_underflows(random_model, scenes):
+    """Logits a thousand times the random model's: float32 softmaxes underflow to exact zeros, so the log of their
+    plain average has -inf entries (a pixel's loss would be inf). TTA's scores stay finite and equal the log of the
+    average computed in float64."""
+    class Confident(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 1000 * random_model(x)
+    confident, x = Confident(), normalize(scenes)
+    plain, mirrored = confident(x), confident(x.flip(-1)).flip(-1)
+    least_likely = class_map(-(plain + mirrored))
+    naive = ((plain.softmax(1) + mirrored.softmax(1)) / 2).log()
+    assert not score_batch(naive, least_likely)[0].isfinite()  # the underflow happens, and would reach the loss
+    expected = torch.logaddexp(plain.double().log_softmax(1), mirrored.double().log_softmax(1)) - math.log(2)
+    ours = predict(confident, scenes, torch.device("cpu"), flip=True)
+    assert ours.isfinite().all() and score_batch(ours, least_likely)[0].isfinite()
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-2)
 
 
 @torch.no_grad()
