@@ -5,9 +5,9 @@
 # Usage: bash scripts/gpu_results.sh OUT_DIR [STAGE ...]   stages: check (GPU-only tests, bench: ~4 min on an H100),
 # runs (three 50-epoch runs: ~4 min), suite (the whole test suite), camvid (issue 32's rows, each scored on test:
 # first what the CPU left open, a second seed of 50 full-scale epochs with log weights and 90 full-scale epochs on
-# the held-out-drive split and a third seed of the final fit, 60 full-scale epochs on train+val; then the 50- and
-# 60-epoch rows the CPU measured; then the one-command recipe, 50 half-scale then 40 full-scale epochs with --stages,
-# three seeds, the same on the held-out split and as a final fit, at ENet's length, 300 epochs in all; then
+# the held-out-drive split; then the 50- and 60-epoch rows the CPU measured (60: the final fit on train+val); then
+# the one-command recipe, 50 half-scale then 40 full-scale epochs with --stages, three seeds, the same on the
+# held-out split and as a final fit, at ENet's length, 300 epochs in all; then
 # docs/results.md's older CamVid rows still to run). Default: check runs. A device call may last at most 10 minutes,
 # so give each call one stage; CAMVID_ROWS="name ..." runs only those camvid rows.
 # camvid needs data/camvid (182 MB, with its splits-heldout/ and splits-trainval/) from scripts/prepare_camvid.py on
@@ -89,12 +89,12 @@ camvid() {  # the commands of docs/results.md's CamVid rows, on the GPU
 budget50-full-seed1 LOG320 --epochs 50 --split-dir data/camvid/splits-heldout --seed 1
 full90-heldout-seed0 LOG320 --epochs 90 --split-dir data/camvid/splits-heldout --seed 0
 full90-heldout-seed1 LOG320 --epochs 90 --split-dir data/camvid/splits-heldout --seed 1
-trainval60-full-seed2 LOG320 --epochs 60 --split-dir data/camvid/splits-trainval --seed 2
 budget50-full-seed0 LOG320 --epochs 50 --split-dir data/camvid/splits-heldout --seed 0
 budget50-stages-seed0 LOG320 --epochs 50 --stages 0.5:30 --split-dir data/camvid/splits-heldout --seed 0
 budget50-stages-seed1 LOG320 --epochs 50 --stages 0.5:30 --split-dir data/camvid/splits-heldout --seed 1
 trainval60-full-seed0 LOG320 --epochs 60 --split-dir data/camvid/splits-trainval --seed 0
 trainval60-full-seed1 LOG320 --epochs 60 --split-dir data/camvid/splits-trainval --seed 1
+trainval60-full-seed2 LOG320 --epochs 60 --split-dir data/camvid/splits-trainval --seed 2
 stages-seed0 RECIPE --split-dir data/camvid/splits --seed 0
 stages-seed1 RECIPE --split-dir data/camvid/splits --seed 1
 stages-seed2 RECIPE --split-dir data/camvid/splits --seed 2
