@@ -164,8 +164,8 @@ def predict(model: nn.Module, images: torch.Tensor, device: torch.device, amp_dt
     variants = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     log_sum = None
     for scale, flipped in variants:
-        inp = x if scale == 1 else F.interpolate(x, size=(max(1, round(height * scale)), max(1, round(width * scale))),
-                                                 mode="bilinear", align_corners=False)
+        scaled = [max(1, round(side * scale)) for side in (height, width)]  # as augmentation.zoomed sizes a stage
+        inp = x if scale == 1 else F.interpolate(x, size=scaled, mode="bilinear", align_corners=False)
         with autocast(device, amp_dtype):
             logits = model(inp.flip(-1) if flipped else inp).float()
         logits = logits.flip(-1) if flipped else logits
